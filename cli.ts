@@ -1,0 +1,305 @@
+/**
+ * The command line: `portpicker [pid] [hold_seconds]` prints a free port, and
+ * `portpicker serve` runs the port server.
+ *
+ * @example
+ * ```sh
+ * deno run -A jsr:@x/portpicker/cli $$
+ * ```
+ *
+ * @module
+ */
+
+import { parseArgs } from "node:util";
+import {
+  type PickOptions,
+  pickUnusedPorts,
+  reservePort,
+  VERSION,
+} from "./mod.ts";
+
+/** Exit codes: 0 done, 1 no port (or another failure), 2 usage error. */
+const EXIT_FAILURE = 1;
+const EXIT_USAGE = 2;
+const NAME = "portpicker";
+
+const USAGE = `Usage: ${NAME} [options] [pid] [hold_seconds]
+       ${NAME} serve [server options]     (${NAME} serve --help)
+
+Prints a port that is free on TCP and UDP, IPv4 and IPv6, and a newline.
+
+Arguments:
+  pid            the process the port is for, told to the port server
+                 (default: the parent process, the shell's $$)
+  hold_seconds   keep the port bound and listening for this many seconds
+                 after printing it, in a detached process, so that nothing
+                 else takes it meanwhile (default: 0)
+
+Options:
+  -n, --count N          print N distinct ports, one a line
+      --range A-B        search only ports A to B, inclusive
+      --exclude P[,P]    never print these ports
+      --portserver ADDR  ask this port server first: a Unix socket path, or
+                         @name for the abstract namespace
+                         (default: $PORTSERVER_ADDRESS)
+      --json             print {"ports":[...]} instead of lines
+  -h, --help             print this help
+  -V, --version          print the version
+
+Exit status: 0 printed, 1 no free port, 2 usage error.
+`;
+
+/** A bad command line: printed as one line, exit 2. */
+class UsageError extends Error {}
+
+function exit(code: number): never {
+  // deno-lint-ignore no-explicit-any
+  const g = globalThis as any;
+  if (g.Deno) g.Deno.exit(code);
+  g.process.exit(code);
+  throw new Error("unreachable");
+}
+
+function parentPid(): number {
+  // deno-lint-ignore no-explicit-any
+  const g = globalThis as any;
+  return g.Deno ? g.Deno.ppid : g.process.ppid;
+}
+
+function parseInteger(
+  text: string,
+  what: string,
+  min: number,
+  max: number,
+): number {
+  if (!/^\d+$/.test(text) || Number(text) < min || Number(text) > max) {
+    throw new UsageError(
+      `invalid ${what} ${
+        JSON.stringify(text)
+      }: expected an integer from ${min} to ${max}`,
+    );
+  }
+  return Number(text);
+}
+
+/**
+ * Parses `A-B` (inclusive) into a range.
+ *
+ * @internal Shared with the port server's pool parsing.
+ */
+export function parseRange(text: string): [number, number] {
+  const match = /^(\d+)-(\d+)$/.exec(text);
+  if (!match) {
+    throw new UsageError(
+      `invalid range ${JSON.stringify(text)}: expected A-B, as 15000-24999`,
+    );
+  }
+  const first = parseInteger(match[1], "range start", 1, 65535);
+  const last = parseInteger(match[2], "range end", 1, 65535);
+  if (first > last) {
+    throw new UsageError(
+      `invalid range ${JSON.stringify(text)}: ${first} is after ${last}`,
+    );
+  }
+  return [first, last];
+}
+
+interface PickCommand {
+  count: number;
+  json: boolean;
+  holdSeconds: number;
+  options: PickOptions;
+}
+
+function parsePickCommand(args: string[]): PickCommand | "help" | "version" {
+  const { values, positionals } = parseArgs({
+    args,
+    allowPositionals: true,
+    options: {
+      count: { type: "string", short: "n" },
+      range: { type: "string" },
+      exclude: { type: "string" },
+      portserver: { type: "string" },
+      json: { type: "boolean" },
+      help: { type: "boolean", short: "h" },
+      version: { type: "boolean", short: "V" },
+    },
+  });
+  if (values.help) return "help";
+  if (values.version) return "version";
+  if (positionals.length > 2) {
+    throw new UsageError(
+      `too many arguments: ${
+        positionals.slice(2).join(" ")
+      } (expected [pid] [hold_seconds])`,
+    );
+  }
+  const [pidText, holdText] = positionals;
+  const options: PickOptions = {
+    pid: pidText === undefined
+      ? parentPid()
+      : parseInteger(pidText, "pid", 1, 0x7fffffff),
+  };
+  let holdSeconds = 0;
+  if (holdText !== undefined) {
+    if (!/^\d+(\.\d+)?$/.test(holdText) || Number(holdText) > 2_000_000) {
+      throw new UsageError(
+        `invalid hold_seconds ${
+          JSON.stringify(holdText)
+        }: expected a number of seconds from 0 to 2000000`,
+      );
+    }
+    holdSeconds = Number(holdText);
+  }
+  if (values.range !== undefined) options.range = parseRange(values.range);
+  if (values.exclude !== undefined) {
+    options.exclude = values.exclude.split(",").map((p) =>
+      parseInteger(p.trim(), "excluded port", 1, 65535)
+    );
+  }
+  if (values.portserver !== undefined) {
+    if (values.portserver === "") {
+      throw new UsageError("--portserver needs an address");
+    }
+    options.portserverAddress = values.portserver;
+  }
+  const count = values.count === undefined
+    ? 1
+    : parseInteger(values.count, "count", 1, 65535);
+  return { count, json: values.json ?? false, holdSeconds, options };
+}
+
+/** How to start this program again: the runtime, its flags and the script. */
+function selfCommand(): string[] {
+  // deno-lint-ignore no-explicit-any
+  const g = globalThis as any;
+  const script = new URL(import.meta.url);
+  if (g.Deno) {
+    const exe: string = g.Deno.execPath();
+    // A compiled binary is its own runtime; a renamed `deno` is not expected.
+    if (!/(^|[\\/])deno(\.exe)?$/.test(exe)) return [exe];
+    const flags = ["run", "--allow-net", "--no-prompt", "--no-config"];
+    if (typeof g.Deno.listenDatagram === "function") {
+      flags.push("--unstable-net");
+    }
+    return [exe, ...flags, script.href];
+  }
+  if (
+    script.pathname.includes("/$bunfs/") || script.pathname.includes("~BUN")
+  ) {
+    return [g.process.execPath];
+  }
+  return [
+    g.process.execPath,
+    ...g.process.execArgv,
+    decodeURIComponent(script.pathname),
+  ];
+}
+
+const HOLD_MARKER = "__portpicker_hold__";
+
+/**
+ * Starts a detached copy of this program that binds `ports` and keeps them
+ * listening for `seconds`; resolves once they are bound.
+ */
+async function holdInChild(ports: number[], seconds: number): Promise<void> {
+  const { spawn } = await import("node:child_process");
+  const [command, ...args] = selfCommand();
+  const child = spawn(command, [
+    ...args,
+    HOLD_MARKER,
+    String(seconds),
+    ...ports.map(String),
+  ], {
+    detached: true,
+    // Not the caller's stdout: `$(portpicker 0 60)` must not wait for the child.
+    stdio: ["ignore", "pipe", "ignore"],
+  });
+  const answer = await new Promise<string>((resolve) => {
+    let text = "";
+    child.stdout!.on("data", (chunk) => {
+      text += chunk;
+      if (text.includes("\n")) resolve(text);
+    });
+    child.on("error", (error) => resolve(`error ${error.message}\n`));
+    child.on(
+      "exit",
+      () => resolve(text || "error the holding process exited\n"),
+    );
+  });
+  child.stdout!.destroy();
+  child.unref();
+  if (!answer.startsWith("ready")) {
+    throw new Error(
+      `cannot hold the port: ${answer.replace(/^error /, "").trim()}`,
+    );
+  }
+}
+
+/** The detached child of {@linkcode holdInChild}. */
+async function runHolder(args: string[]): Promise<void> {
+  const seconds = Number(args[0]);
+  try {
+    for (const text of args.slice(1)) {
+      const port = Number(text);
+      await reservePort({ ports: [port], range: [port, port] });
+    }
+  } catch (error) {
+    console.log(`error ${(error as Error).message}`);
+    exit(EXIT_FAILURE);
+  }
+  console.log("ready");
+  setTimeout(() => exit(0), seconds * 1000);
+}
+
+async function pickCommand(args: string[]): Promise<void> {
+  const command = parsePickCommand(args);
+  if (command === "help") return void console.log(USAGE);
+  if (command === "version") return void console.log(`${NAME} ${VERSION}`);
+  const ports = await pickUnusedPorts(command.count, command.options);
+  if (command.holdSeconds > 0) await holdInChild(ports, command.holdSeconds);
+  console.log(command.json ? JSON.stringify({ ports }) : ports.join("\n"));
+}
+
+/**
+ * Runs the command line with `args` (without the program name) and returns
+ * the exit status. Errors are printed as one line on stderr.
+ *
+ * @param args The arguments, as `Deno.args` or `process.argv.slice(2)`.
+ * @returns 0, 1 (no port or another failure) or 2 (usage error).
+ *
+ * @example
+ * ```ts
+ * import { main } from "@x/portpicker/cli";
+ *
+ * const status = await main(["--count", "2"]);
+ * ```
+ */
+export async function main(args: string[]): Promise<number> {
+  try {
+    if (args[0] === HOLD_MARKER) {
+      await runHolder(args.slice(1));
+    } else if (args[0] === "serve") {
+      const { serveCommand } = await import("./portserver.ts");
+      return await serveCommand(args.slice(1));
+    } else {
+      await pickCommand(args);
+    }
+    return 0;
+  } catch (error) {
+    const usage = error instanceof UsageError ||
+      (error as { code?: string }).code?.startsWith("ERR_PARSE_ARGS");
+    const message = (error as Error).message ?? String(error);
+    // One line, never a stack trace.
+    const line = usage ? `${message.split(". ")[0]} (see --help)` : message;
+    console.error(`${NAME}: ${line.replaceAll("\n", " ")}`);
+    return usage ? EXIT_USAGE : EXIT_FAILURE;
+  }
+}
+
+if (import.meta.main) {
+  // deno-lint-ignore no-explicit-any
+  const g = globalThis as any;
+  const status = await main(g.Deno ? g.Deno.args : g.process.argv.slice(2));
+  if (status !== 0) exit(status);
+}

@@ -1,0 +1,840 @@
+/**
+ * Network ports that nobody else is using, for tests, CI farms and scripts.
+ *
+ * A TypeScript reimplementation of Google's Python `portpicker`, wire-compatible
+ * with its `portserver`. Runs on Deno, Bun and Node.js 22 or later, with no
+ * dependencies.
+ *
+ * @example Pick a port
+ * ```ts
+ * import { pickUnusedPort } from "@x/portpicker";
+ *
+ * const port = await pickUnusedPort();
+ * console.log(`listening on ${port}`);
+ * ```
+ *
+ * @module
+ */
+
+/** The version of this package. */
+export const VERSION = "0.1.0";
+
+/** The search range when none is given: the Python original's 15000–24999. */
+export const DEFAULT_RANGE: readonly [number, number] = [15000, 24999];
+
+/**
+ * Thrown when no free port can be found: every port of the search range was
+ * tried and none was free, or all of them were already handed out to this
+ * process.
+ *
+ * @example
+ * ```ts
+ * import { NoFreePortFoundError, pickUnusedPort } from "@x/portpicker";
+ *
+ * try {
+ *   await pickUnusedPort({ range: [40000, 40009] });
+ * } catch (error) {
+ *   if (!(error instanceof NoFreePortFoundError)) throw error;
+ *   console.error(error.message);
+ * }
+ * ```
+ */
+export class NoFreePortFoundError extends Error {
+  /** The inclusive search range that was exhausted. */
+  readonly range: readonly [number, number];
+  /** How many ports of the range were tried. */
+  readonly tried: number;
+
+  /**
+   * Makes the error; the message names the range and the number of ports tried.
+   *
+   * @param range The inclusive search range that was walked.
+   * @param tried How many of its ports were tried.
+   */
+  constructor(range: readonly [number, number], tried: number) {
+    super(
+      `No free port found in ${range[0]}-${range[1]}: tried ${tried} of ${
+        range[1] - range[0] + 1
+      } ports`,
+    );
+    this.name = "NoFreePortFoundError";
+    this.range = range;
+    this.tried = tried;
+  }
+}
+
+/** Options of {@linkcode pickUnusedPort} and the functions built on it. */
+export interface PickOptions {
+  /**
+   * The process the port is for, told to the port server. Defaults to this
+   * process.
+   */
+  pid?: number;
+  /**
+   * The port server to ask first: a Unix socket path, or `@name` for the
+   * Linux abstract namespace. Defaults to the `PORTSERVER_ADDRESS`
+   * environment variable; without either, no server is asked.
+   */
+  portserverAddress?: string;
+  /** Preferred ports, tried first and in this order. */
+  ports?: Iterable<number>;
+  /**
+   * The inclusive search range `[first, last]`. When given, every port
+   * returned lies in it and the kernel is not asked for a port of its own
+   * choosing. Defaults to `[15000, 24999]`, searched after the kernel's pick.
+   */
+  range?: readonly [number, number];
+  /** Ports never returned. */
+  exclude?: Iterable<number>;
+}
+
+/** Options of {@linkcode getPortFromPortServer}. */
+export interface PortServerOptions {
+  /** The process the port is for. Defaults to this process. */
+  pid?: number;
+}
+
+/**
+ * A port held bound on TCP and UDP until {@linkcode PortReservation.release}
+ * is called. Works with `using` and `await using`.
+ */
+export interface PortReservation extends Disposable, AsyncDisposable {
+  /** The reserved port. */
+  readonly port: number;
+  /**
+   * Closes the sockets that hold the port, so that the caller can bind it.
+   * The port stays given to this process: pass it to
+   * {@linkcode returnPort} when done with it.
+   */
+  release(): Promise<void>;
+}
+
+// ---------------------------------------------------------------------------
+// Runtime adapter: Deno.* sockets where the runtime has them (much faster than
+// Deno's node:net), node:net / node:dgram everywhere else.
+
+type Proto = "tcp" | "udp";
+
+interface BoundSocket {
+  readonly port: number;
+  close(): Promise<void>;
+}
+
+interface ErrorWithCode {
+  code?: unknown;
+  name?: unknown;
+  message?: unknown;
+}
+
+// deno-lint-ignore no-explicit-any
+const runtime = globalThis as any;
+const deno: typeof Deno | undefined = runtime.Deno;
+const isWindows = deno
+  ? deno.build.os === "windows"
+  : runtime.process?.platform === "win32";
+
+let netModule: Promise<typeof import("node:net")> | undefined;
+let dgramModule: Promise<typeof import("node:dgram")> | undefined;
+// Loaded on first use: importing them costs Deno start-up time.
+const loadNet = () => netModule ??= import("node:net");
+const loadDgram = () => dgramModule ??= import("node:dgram");
+
+async function bindTcp(hostname: string, port: number): Promise<BoundSocket> {
+  if (deno) {
+    const listener = deno.listen({ hostname, port, transport: "tcp" });
+    return {
+      port: (listener.addr as Deno.NetAddr).port,
+      close: () => Promise.resolve(listener.close()),
+    };
+  }
+  const net = await loadNet();
+  return await new Promise((resolve, reject) => {
+    const server = net.createServer();
+    server.once("error", reject);
+    server.listen({ host: hostname, port, backlog: 1, exclusive: true }, () => {
+      server.off("error", reject);
+      // A held port must not keep the caller's process alive.
+      server.unref();
+      resolve({
+        port: (server.address() as { port: number }).port,
+        close: () => new Promise((done) => server.close(() => done())),
+      });
+    });
+  });
+}
+
+async function bindUdp(hostname: string, port: number): Promise<BoundSocket> {
+  // Deno.listenDatagram exists only with --unstable-net.
+  if (deno && typeof deno.listenDatagram === "function") {
+    const conn = deno.listenDatagram({ hostname, port, transport: "udp" });
+    return {
+      port: (conn.addr as Deno.NetAddr).port,
+      close: () => Promise.resolve(conn.close()),
+    };
+  }
+  const dgram = await loadDgram();
+  return await new Promise((resolve, reject) => {
+    const socket = dgram.createSocket({
+      type: hostname.includes(":") ? "udp6" : "udp4",
+      reuseAddr: false,
+    });
+    const failed = (error: Error) => {
+      socket.close();
+      reject(error);
+    };
+    socket.once("error", failed);
+    socket.bind({ address: hostname, port, exclusive: true }, () => {
+      socket.off("error", failed);
+      socket.unref();
+      resolve({
+        port: socket.address().port,
+        close: () => new Promise((done) => socket.close(() => done())),
+      });
+    });
+  });
+}
+
+const bindOne = (proto: Proto, hostname: string, port: number) =>
+  proto === "tcp" ? bindTcp(hostname, port) : bindUdp(hostname, port);
+
+/** Errors that say the host lacks this address family: skip the family. */
+const FAMILY_MISSING = new Set([
+  "EAFNOSUPPORT",
+  "EADDRNOTAVAIL",
+  "EPROTONOSUPPORT",
+  "AddrNotAvailable",
+]);
+/** Errors that say the port is taken, or not ours to take. */
+const PORT_TAKEN = new Set([
+  "EADDRINUSE",
+  "EACCES",
+  "EPERM",
+  "AddrInUse",
+]);
+
+function classify(error: unknown): "family" | "taken" | "other" {
+  const { code, name } = (error ?? {}) as ErrorWithCode;
+  if (
+    FAMILY_MISSING.has(code as string) || FAMILY_MISSING.has(name as string)
+  ) {
+    return "family";
+  }
+  // Deno's own permission error is "NotCapable", and is not about the port.
+  if (PORT_TAKEN.has(code as string) || PORT_TAKEN.has(name as string)) {
+    return "taken";
+  }
+  if (name === "PermissionDenied" && code === undefined) return "taken";
+  return "other";
+}
+
+function bindError(
+  error: unknown,
+  proto: Proto,
+  hostname: string,
+  port: number,
+): Error {
+  const { name, message } = (error ?? {}) as ErrorWithCode;
+  const why = name === "NotCapable"
+    ? "network access denied (Deno needs --allow-net)"
+    : String(message ?? error);
+  return new Error(
+    `Cannot check port ${port} (${proto.toUpperCase()} on ${hostname}): ${why}`,
+    { cause: error },
+  );
+}
+
+/** IPv6 first: a dual-stack IPv6 socket covers IPv4 too. */
+const WILDCARDS = ["::", "0.0.0.0"] as const;
+
+/**
+ * Python's `bind()`: binds `port` on each family the host has, one at a time,
+ * and closes it again. Port 0 takes the kernel's choice on IPv6 and then tries
+ * that port on IPv4. Returns the port, or undefined when it is taken on any
+ * family or the host has none.
+ */
+async function bindEachFamily(
+  proto: Proto,
+  port: number,
+): Promise<number | undefined> {
+  let found = false;
+  for (const hostname of WILDCARDS) {
+    let socket: BoundSocket;
+    try {
+      socket = await bindOne(proto, hostname, port);
+    } catch (error) {
+      const kind = classify(error);
+      if (kind === "family") continue;
+      if (kind === "taken") return undefined;
+      throw bindError(error, proto, hostname, port);
+    }
+    found = true;
+    port = socket.port;
+    await socket.close();
+  }
+  return found ? port : undefined;
+}
+
+/**
+ * Binds `port` on TCP and UDP on the wildcard address and keeps both bound:
+ * IPv6 (dual-stack, so IPv4 too) where the host has it, else IPv4.
+ */
+async function holdPort(port: number): Promise<BoundSocket[] | undefined> {
+  const held: BoundSocket[] = [];
+  for (const proto of ["tcp", "udp"] as const) {
+    let socket: BoundSocket | undefined;
+    for (const hostname of WILDCARDS) {
+      try {
+        socket = await bindOne(proto, hostname, port);
+        break;
+      } catch (error) {
+        const kind = classify(error);
+        if (kind === "family") continue;
+        await Promise.all(held.map((s) => s.close()));
+        if (kind === "taken") return undefined;
+        throw bindError(error, proto, hostname, port);
+      }
+    }
+    if (socket) held.push(socket);
+  }
+  return held;
+}
+
+// ---------------------------------------------------------------------------
+// Argument checks: a bad value is named in the error.
+
+function checkPort(port: unknown, what = "port"): number {
+  if (typeof port !== "number" || !Number.isInteger(port)) {
+    throw new TypeError(
+      `Invalid ${what} ${formatValue(port)}: expected an integer`,
+    );
+  }
+  if (port < 1 || port > 65535) {
+    throw new RangeError(
+      `Invalid ${what} ${port}: expected an integer from 1 to 65535`,
+    );
+  }
+  return port;
+}
+
+function checkPid(pid: unknown): number {
+  if (typeof pid !== "number" || !Number.isInteger(pid)) {
+    throw new TypeError(`Invalid pid ${formatValue(pid)}: expected an integer`);
+  }
+  if (pid < 1 || pid > 0x7fffffff) {
+    throw new RangeError(`Invalid pid ${pid}: expected a positive integer`);
+  }
+  return pid;
+}
+
+function checkRange(range: unknown): readonly [number, number] {
+  if (!Array.isArray(range) || range.length !== 2) {
+    throw new TypeError(
+      `Invalid range ${formatValue(range)}: expected [first, last]`,
+    );
+  }
+  const [first, last] = range;
+  checkPort(first, "range start");
+  checkPort(last, "range end");
+  if (first > last) {
+    throw new RangeError(
+      `Invalid range [${first}, ${last}]: the first port is after the last`,
+    );
+  }
+  return [first, last];
+}
+
+function formatValue(value: unknown): string {
+  if (typeof value === "string") return JSON.stringify(value);
+  if (Array.isArray(value)) return `[${value.map(formatValue).join(", ")}]`;
+  return String(value);
+}
+
+// ---------------------------------------------------------------------------
+// Per-process state, as in the Python original.
+
+/** Reserved or returned ports: handed out first, without a check. */
+const freePorts = new Set<number>();
+/** Ports that came from the port server or from the free set. */
+const ownedPorts = new Set<number>();
+/** Ports this process found itself and has not returned. */
+const randomPorts = new Set<number>();
+
+/**
+ * Marks a port, acquired by other means, as free for this process: the next
+ * pick hands it out first, without checking it.
+ *
+ * @param port The port, from 1 to 65535.
+ *
+ * @example
+ * ```ts
+ * import { addReservedPort, pickUnusedPort } from "@x/portpicker";
+ *
+ * addReservedPort(20000);
+ * console.log(await pickUnusedPort()); // 20000
+ * ```
+ */
+export function addReservedPort(port: number): void {
+  freePorts.add(checkPort(port));
+}
+
+/**
+ * Gives back a port that is no longer used. A port this process found itself
+ * may be picked again; a port from the port server or the free set goes back
+ * to the free set and is handed out first. Returning a port that was already
+ * returned, or never given, does nothing.
+ *
+ * @param port The port, from 1 to 65535.
+ *
+ * @example
+ * ```ts
+ * import { pickUnusedPort, returnPort } from "@x/portpicker";
+ *
+ * const port = await pickUnusedPort();
+ * // ... use the port, stop using it ...
+ * returnPort(port);
+ * ```
+ */
+export function returnPort(port: number): void {
+  checkPort(port);
+  if (randomPorts.delete(port)) return;
+  if (ownedPorts.delete(port)) freePorts.add(port);
+}
+
+/**
+ * Tells whether `port` is free on both TCP and UDP: it binds the wildcard
+ * address on IPv6 and then on IPv4 for each protocol, as the Python original
+ * does. A family the host lacks is skipped; a port in use, or one this process
+ * may not bind, is not free.
+ *
+ * @param port The port, from 1 to 65535.
+ * @returns Whether every bind succeeded.
+ * @throws {Error} On any other bind error, naming the port.
+ *
+ * @example
+ * ```ts
+ * import { isPortFree } from "@x/portpicker";
+ *
+ * if (await isPortFree(8080)) console.log("8080 is free");
+ * ```
+ */
+export async function isPortFree(port: number): Promise<boolean> {
+  checkPort(port);
+  return await isFree(port);
+}
+
+async function isFree(port: number): Promise<boolean> {
+  return (await bindEachFamily("tcp", port)) !== undefined &&
+    (await bindEachFamily("udp", port)) !== undefined;
+}
+
+// ---------------------------------------------------------------------------
+// Port server client.
+
+const REPLY_LIMIT = 1024;
+const SERVER_TIMEOUT_MS = 10_000;
+
+/** `@name` is the Linux abstract namespace; on Windows, a named pipe. */
+function socketPath(address: string): string {
+  if (!address.startsWith("@")) return address;
+  return isWindows
+    ? `\\\\.\\pipe\\${address.slice(1)}`
+    : `\0${address.slice(1)}`;
+}
+
+/**
+ * Sends one request to a port server and reads the reply up to its end.
+ * @internal Shared with the server tests and the CLI.
+ */
+export async function portServerRequest(
+  address: string,
+  request: string,
+): Promise<string> {
+  const path = socketPath(address);
+  const payload = new TextEncoder().encode(request);
+  if (deno && !isWindows) {
+    const conn = await deno.connect({ transport: "unix", path });
+    const timer = setTimeout(() => conn.close(), SERVER_TIMEOUT_MS);
+    try {
+      await conn.write(payload);
+      const chunks: Uint8Array[] = [];
+      let size = 0;
+      const buffer = new Uint8Array(REPLY_LIMIT);
+      while (size < REPLY_LIMIT) {
+        const n = await conn.read(buffer);
+        if (n === null) break;
+        chunks.push(buffer.slice(0, n));
+        size += n;
+      }
+      return new TextDecoder().decode(concat(chunks));
+    } finally {
+      clearTimeout(timer);
+      try {
+        conn.close();
+      } catch { /* closed by the timeout */ }
+    }
+  }
+  const net = await loadNet();
+  return await new Promise((resolve, reject) => {
+    const chunks: Uint8Array[] = [];
+    const socket = net.connect({ path }, () => socket.end(payload));
+    socket.setTimeout(SERVER_TIMEOUT_MS, () => {
+      socket.destroy(new Error("timed out waiting for the reply"));
+    });
+    socket.on("data", (chunk: Uint8Array) => chunks.push(chunk));
+    socket.on("error", reject);
+    socket.on("close", () => {
+      resolve(new TextDecoder().decode(concat(chunks)).slice(0, REPLY_LIMIT));
+    });
+  });
+}
+
+function concat(chunks: Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(chunks.reduce((n, c) => n + c.length, 0));
+  let offset = 0;
+  for (const chunk of chunks) {
+    out.set(chunk, offset);
+    offset += chunk.length;
+  }
+  return out;
+}
+
+/** The port in a server reply, or undefined for none (empty, 0, garbage). */
+function parseReply(reply: string): number | undefined {
+  const line = reply.split("\n")[0].trim();
+  if (!/^\+?\d{1,5}$/.test(line)) return undefined;
+  const port = Number(line);
+  return port >= 1 && port <= 65535 ? port : undefined;
+}
+
+/**
+ * Asks a port server for a port, with the Python client's wire protocol: the
+ * pid in ASCII and a newline; the reply's first line is the port. On an empty
+ * or unusable reply, prints `Portserver failed to find a port.` to stderr; on
+ * a connection error, prints it. Both return undefined.
+ *
+ * @param address A Unix socket path, or `@name` for the Linux abstract
+ * namespace (a named pipe on Windows). Empty: no server, undefined.
+ * @param options The pid to ask for; defaults to this process.
+ * @returns The port, or undefined when the server gave none.
+ *
+ * @example
+ * ```ts
+ * import { getPortFromPortServer } from "@x/portpicker";
+ *
+ * const port = await getPortFromPortServer("@unittest-portserver");
+ * console.log(port ?? "no port from the server");
+ * ```
+ */
+export async function getPortFromPortServer(
+  address: string,
+  options: PortServerOptions = {},
+): Promise<number | undefined> {
+  if (typeof address !== "string") {
+    throw new TypeError(
+      `Invalid port server address ${formatValue(address)}: expected a string`,
+    );
+  }
+  const pid = options.pid === undefined ? currentPid() : checkPid(options.pid);
+  if (!address) return undefined;
+  let reply: string;
+  try {
+    reply = await portServerRequest(address, `${pid}\n`);
+  } catch (error) {
+    const { message } = (error ?? {}) as ErrorWithCode;
+    console.error(
+      `Socket error when connecting to portserver: ${message ?? error}`,
+    );
+    return undefined;
+  }
+  const port = parseReply(reply);
+  if (port === undefined) {
+    console.error("Portserver failed to find a port.");
+    return undefined;
+  }
+  ownedPorts.add(port);
+  return port;
+}
+
+function currentPid(): number {
+  return deno ? deno.pid : runtime.process.pid;
+}
+
+let envWarned = false;
+
+/**
+ * Reads an environment variable; on Deno without `--allow-env` for it, says
+ * so once on stderr and treats it as unset (no prompt, no crash).
+ */
+function readEnv(name: string): string | undefined {
+  if (!deno) return runtime.process?.env?.[name];
+  const { state } = deno.permissions.querySync({ name: "env", variable: name });
+  if (state !== "granted") {
+    if (!envWarned) {
+      envWarned = true;
+      console.error(
+        `portpicker: ${name} not read (Deno needs --allow-env=${name}); picking without a port server`,
+      );
+    }
+    return undefined;
+  }
+  return deno.env.get(name);
+}
+
+// ---------------------------------------------------------------------------
+// The picker.
+
+interface Held {
+  port: number;
+  release(): Promise<void>;
+}
+
+interface Plan {
+  pid: number | undefined;
+  serverAddress: string | undefined;
+  preferred: number[];
+  range: readonly [number, number];
+  rangeGiven: boolean;
+  exclude: Set<number>;
+}
+
+function plan(options: PickOptions | undefined): Plan {
+  if (
+    options !== undefined && (typeof options !== "object" || options === null)
+  ) {
+    throw new TypeError(
+      `Invalid options ${formatValue(options)}: expected an object`,
+    );
+  }
+  const opts = options ?? {};
+  const address = opts.portserverAddress;
+  if (address !== undefined && typeof address !== "string") {
+    throw new TypeError(
+      `Invalid portserverAddress ${formatValue(address)}: expected a string`,
+    );
+  }
+  return {
+    pid: opts.pid === undefined ? undefined : checkPid(opts.pid),
+    serverAddress: address,
+    preferred: [...(opts.ports ?? [])].map((p) => checkPort(p)),
+    range: opts.range === undefined ? DEFAULT_RANGE : checkRange(opts.range),
+    rangeGiven: opts.range !== undefined,
+    exclude: new Set(
+      [...(opts.exclude ?? [])].map((p) => checkPort(p, "excluded port")),
+    ),
+  };
+}
+
+function allowed(port: number, p: Plan, taken: Set<number>): boolean {
+  if (p.exclude.has(port) || taken.has(port)) return false;
+  return !p.rangeGiven || (port >= p.range[0] && port <= p.range[1]);
+}
+
+const NOTHING_HELD: Held["release"] = () => Promise.resolve();
+
+/** Holds a port that was checked elsewhere; if it cannot, hands it out unheld. */
+async function tryHold(port: number, hold: boolean): Promise<Held> {
+  const sockets = hold ? await holdPort(port) : undefined;
+  return {
+    port,
+    release: sockets
+      ? async () => void await Promise.all(sockets.map((s) => s.close()))
+      : NOTHING_HELD,
+  };
+}
+
+/**
+ * Checks that `port` is free and, when `hold`, keeps it bound. Undefined if
+ * it is not free.
+ */
+async function claim(port: number, hold: boolean): Promise<Held | undefined> {
+  if (!(await isFree(port))) return undefined;
+  if (!hold) return { port, release: NOTHING_HELD };
+  const sockets = await holdPort(port);
+  if (!sockets) return undefined;
+  return {
+    port,
+    release: async () => void await Promise.all(sockets.map((s) => s.close())),
+  };
+}
+
+/** The one pick, in the Python order; `taken` holds this call's other ports. */
+async function pickOne(
+  p: Plan,
+  hold: boolean,
+  taken: Set<number>,
+): Promise<Held> {
+  for (const port of p.preferred) {
+    if (
+      !allowed(port, p, taken) || randomPorts.has(port) || ownedPorts.has(port)
+    ) {
+      continue;
+    }
+    if (freePorts.delete(port)) {
+      ownedPorts.add(port);
+      return await tryHold(port, hold);
+    }
+    const held = await claim(port, hold);
+    if (held) {
+      randomPorts.add(port);
+      return held;
+    }
+  }
+
+  for (const port of freePorts) {
+    if (!allowed(port, p, taken)) continue;
+    freePorts.delete(port);
+    ownedPorts.add(port);
+    return await tryHold(port, hold);
+  }
+
+  for (const address of [p.serverAddress, readEnv("PORTSERVER_ADDRESS")]) {
+    if (!address) continue;
+    const port = await getPortFromPortServer(address, { pid: p.pid });
+    if (port === undefined) continue;
+    if (allowed(port, p, taken)) return await tryHold(port, hold);
+    console.error(
+      `portpicker: port ${port} from the port server is excluded or outside the range; picking locally`,
+    );
+  }
+
+  if (!p.rangeGiven) {
+    // The kernel's choice first; TCP before UDP because some kernels kept
+    // handing out the same UDP port.
+    for (let i = 0; i < 10; i++) {
+      const port = await bindEachFamily("tcp", 0);
+      if (port === undefined) continue;
+      if (!allowed(port, p, taken) || randomPorts.has(port)) continue;
+      if ((await bindEachFamily("udp", port)) === undefined) continue;
+      const held = hold
+        ? await claim(port, true)
+        : { port, release: NOTHING_HELD };
+      if (!held) continue;
+      randomPorts.add(port);
+      return held;
+    }
+  }
+
+  // Every port of the range, in random order, before giving up.
+  const [first, last] = p.range;
+  const candidates: number[] = [];
+  for (let port = first; port <= last; port++) {
+    if (allowed(port, p, taken) && !randomPorts.has(port)) {
+      candidates.push(port);
+    }
+  }
+  let tried = 0;
+  while (candidates.length > 0) {
+    const i = Math.floor(Math.random() * candidates.length);
+    const port = candidates[i];
+    candidates[i] = candidates[candidates.length - 1];
+    candidates.pop();
+    tried++;
+    const held = await claim(port, hold);
+    if (held) {
+      randomPorts.add(port);
+      return held;
+    }
+  }
+  throw new NoFreePortFoundError(p.range, tried);
+}
+
+/**
+ * Picks a port that is free on TCP and UDP, IPv6 and IPv4. In order: the
+ * preferred `ports`; a reserved or returned port; a port from the port server
+ * (`portserverAddress`, else `PORTSERVER_ADDRESS`); the kernel's choice
+ * (unless a `range` is given); then every port of the search range in random
+ * order. One process never gets the same port twice until it is returned.
+ *
+ * @param options See {@linkcode PickOptions}.
+ * @returns The port.
+ * @throws {NoFreePortFoundError} When every port of the range was tried.
+ * @throws {TypeError | RangeError} On an invalid option, naming it.
+ *
+ * @example
+ * ```ts
+ * import { pickUnusedPort } from "@x/portpicker";
+ *
+ * const port = await pickUnusedPort();
+ * const other = await pickUnusedPort({ range: [20000, 20999], exclude: [20080] });
+ * ```
+ */
+export async function pickUnusedPort(options?: PickOptions): Promise<number> {
+  const held = await pickOne(plan(options), false, new Set());
+  return held.port;
+}
+
+/**
+ * Picks `count` distinct ports, each as {@linkcode pickUnusedPort} does. All
+ * of them are held bound until the last is found, then released.
+ *
+ * @param count How many ports, at least 1.
+ * @param options See {@linkcode PickOptions}.
+ * @returns The ports, in the order they were picked.
+ * @throws {NoFreePortFoundError} When there are not enough free ports; the
+ * ports found so far stay given to this process.
+ *
+ * @example
+ * ```ts
+ * import { pickUnusedPorts } from "@x/portpicker";
+ *
+ * const [http, grpc, metrics] = await pickUnusedPorts(3);
+ * ```
+ */
+export async function pickUnusedPorts(
+  count: number,
+  options?: PickOptions,
+): Promise<number[]> {
+  if (typeof count !== "number" || !Number.isInteger(count)) {
+    throw new TypeError(
+      `Invalid count ${formatValue(count)}: expected an integer`,
+    );
+  }
+  if (count < 1) {
+    throw new RangeError(`Invalid count ${count}: expected at least 1`);
+  }
+  const p = plan(options);
+  const held: Held[] = [];
+  const taken = new Set<number>();
+  try {
+    while (held.length < count) {
+      const one = await pickOne(p, true, taken);
+      held.push(one);
+      taken.add(one.port);
+    }
+  } finally {
+    await Promise.all(held.map((h) => h.release()));
+  }
+  return held.map((h) => h.port);
+}
+
+/**
+ * Picks a port as {@linkcode pickUnusedPort} does and keeps it bound on TCP
+ * and UDP until `release()`, so that nothing else can take it meanwhile.
+ * Release it right before binding it yourself.
+ *
+ * @param options See {@linkcode PickOptions}.
+ * @returns The reservation.
+ *
+ * @example
+ * ```ts
+ * import { reservePort } from "@x/portpicker";
+ *
+ * await using reservation = await reservePort();
+ * // ... prepare the server; nobody can take the port meanwhile ...
+ * await reservation.release();
+ * Deno.serve({ port: reservation.port }, () => new Response("hi"));
+ * ```
+ */
+export async function reservePort(
+  options?: PickOptions,
+): Promise<PortReservation> {
+  const held = await pickOne(plan(options), true, new Set());
+  let released: Promise<void> | undefined;
+  const release = () => released ??= held.release();
+  return {
+    port: held.port,
+    release,
+    [Symbol.dispose]: () => void release(),
+    [Symbol.asyncDispose]: release,
+  };
+}
