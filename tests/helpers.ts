@@ -1,0 +1,246 @@
+/**
+ * Shared by the tests: real processes and real sockets, on whichever of Deno,
+ * Bun or Node runs the test.
+ */
+
+import { type ChildProcess, spawn } from "node:child_process";
+import { existsSync } from "node:fs";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+
+// deno-lint-ignore no-explicit-any
+const g = globalThis as any;
+
+/** The repository's root folder. */
+export const ROOT: string = join(dirname(fileURLToPath(import.meta.url)), "..");
+
+/** Which runtime runs this test. */
+export const RUNTIME: "deno" | "bun" | "node" = g.Deno ? "deno" : g.Bun ? "bun" : "node";
+
+/** Debian's Python port server and client: the peer the tests need. */
+export const PYTHON_PORTSERVER = "/usr/bin/portserver";
+/** Debian's Python, which has the portpicker module (PATH may have another). */
+export const PYTHON = "/usr/bin/python3";
+
+/** Fails loudly when Debian's python3-portpicker is missing. */
+export function requirePython(): void {
+  if (!existsSync(PYTHON_PORTSERVER)) {
+    throw new Error(
+      "Debian's python3-portpicker is not installed (apt-get install python3-portpicker): .ci/run installs it",
+    );
+  }
+}
+
+/** A tool from node_modules/.bin, else from PATH. */
+export function tool(name: string): string {
+  const local = join(ROOT, "node_modules", ".bin", name);
+  return existsSync(local) ? local : name;
+}
+
+/** The command that runs a script of this repo on the runtime running the test. */
+export function runtimeCommand(script: string): string[] {
+  const path = join(ROOT, script);
+  if (RUNTIME === "deno") {
+    const unstable = process.env.PORTPICKER_TEST_NO_UNSTABLE ? [] : ["--unstable-net"];
+    return [g.Deno.execPath(), "run", "-A", "--no-config", ...unstable, path];
+  }
+  return [process.execPath, path];
+}
+
+/** What a finished process printed, and how it ended. */
+export interface RunResult {
+  code: number | null;
+  signal: string | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs a command to its end (killed after `timeoutMs`). */
+export function run(
+  command: string[],
+  options: { env?: Record<string, string | undefined>; timeoutMs?: number; input?: string } = {},
+): Promise<RunResult> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(command[0], command.slice(1), {
+      env: { ...process.env, ...options.env } as Record<string, string>,
+      stdio: ["pipe", "pipe", "pipe"],
+    });
+    let stdout = "";
+    let stderr = "";
+    child.stdout!.on("data", (c) => stdout += c);
+    child.stderr!.on("data", (c) => stderr += c);
+    const timer = setTimeout(() => child.kill("SIGKILL"), options.timeoutMs ?? 60_000);
+    child.on("error", (e) => {
+      clearTimeout(timer);
+      reject(e);
+    });
+    child.on("close", (code, signal) => {
+      clearTimeout(timer);
+      resolve({ code, signal, stdout, stderr });
+    });
+    child.stdin!.end(options.input ?? "");
+  });
+}
+
+/** Runs this repo's CLI on the runtime running the test. */
+export function runCli(
+  args: string[],
+  options: { env?: Record<string, string | undefined>; timeoutMs?: number } = {},
+): Promise<RunResult> {
+  return run([...runtimeCommand("cli.ts"), ...args], {
+    ...options,
+    env: { PORTSERVER_ADDRESS: undefined, ...options.env },
+  });
+}
+
+/** A long-running child process, started and stopped by a test. */
+export interface Proc {
+  child: ChildProcess;
+  /** Everything it wrote to stderr so far. */
+  stderr(): string;
+  /** Everything it wrote to stdout so far. */
+  stdout(): string;
+  /** Resolves once `pattern` shows in its stdout or stderr. */
+  waitFor(pattern: RegExp, timeoutMs?: number): Promise<void>;
+  /** Sends `signal` and waits for the exit. */
+  stop(signal?: NodeJS.Signals): Promise<number | null>;
+}
+
+/** Starts a process that outlives this call. */
+export function start(command: string[], env: Record<string, string | undefined> = {}): Proc {
+  const child = spawn(command[0], command.slice(1), {
+    env: { ...process.env, ...env } as Record<string, string>,
+    stdio: ["pipe", "pipe", "pipe"],
+  });
+  let out = "";
+  let err = "";
+  const waiters = new Set<() => void>();
+  const wake = () => waiters.forEach((w) => w());
+  child.stdout!.on("data", (c) => {
+    out += c;
+    wake();
+  });
+  child.stderr!.on("data", (c) => {
+    err += c;
+    wake();
+  });
+  const exited = new Promise<number | null>((resolve) => {
+    child.on("exit", (code) => {
+      wake();
+      resolve(code);
+    });
+  });
+  return {
+    child,
+    stderr: () => err,
+    stdout: () => out,
+    waitFor(pattern, timeoutMs = 15_000) {
+      return new Promise((resolve, reject) => {
+        const check = () => {
+          if (pattern.test(out) || pattern.test(err)) {
+            done();
+            resolve();
+          } else if (child.exitCode !== null || child.signalCode !== null) {
+            done();
+            reject(new Error(`exited before ${pattern}: ${err}${out}`));
+          }
+        };
+        const timer = setTimeout(() => {
+          done();
+          reject(new Error(`timed out waiting for ${pattern}; stderr: ${err}`));
+        }, timeoutMs);
+        const done = () => {
+          clearTimeout(timer);
+          waiters.delete(check);
+        };
+        waiters.add(check);
+        check();
+      });
+    },
+    async stop(signal = "SIGTERM") {
+      if (child.exitCode === null && child.signalCode === null) child.kill(signal);
+      return await exited;
+    },
+  };
+}
+
+/** Kinds of socket that a test can hold a port with, from a Python process. */
+export type HoldKind = "tcp4" | "tcp6only" | "udp4" | "udp6only" | "dual";
+
+/**
+ * Holds `port` (0: a port of the kernel's choice) with a socket of `kind`
+ * in a separate Python process, until `release()`.
+ */
+export async function holdWithPython(
+  kind: HoldKind,
+  port = 0,
+): Promise<{ port: number; release(): Promise<void> }> {
+  const script = `
+import socket, sys
+kind, port = sys.argv[1], int(sys.argv[2])
+fam = socket.AF_INET if kind in ("tcp4", "udp4") else socket.AF_INET6
+typ = socket.SOCK_DGRAM if kind.startswith("udp") else socket.SOCK_STREAM
+s = socket.socket(fam, typ)
+if fam == socket.AF_INET6:
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if kind.endswith("6only") else 0)
+s.bind(("", port))
+if typ == socket.SOCK_STREAM:
+    s.listen(1)
+print(s.getsockname()[1], flush=True)
+sys.stdin.read()
+`;
+  const proc = start([PYTHON, "-c", script, kind, String(port)]);
+  await proc.waitFor(/^\d+\n/);
+  return {
+    port: Number(proc.stdout().trim()),
+    release: async () => void await proc.stop("SIGKILL"),
+  };
+}
+
+/**
+ * Holds many ports at once from one Python process (TCP and UDP, dual-stack).
+ */
+export async function holdManyWithPython(
+  ports: number[],
+): Promise<{ release(): Promise<void> }> {
+  const script = `
+import socket, sys
+held = []
+for p in map(int, sys.argv[1:]):
+    for typ in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        s = socket.socket(socket.AF_INET6, typ)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.bind(("", p))
+        if typ == socket.SOCK_STREAM:
+            s.listen(1)
+        held.append(s)
+print("held", flush=True)
+sys.stdin.read()
+`;
+  const proc = start([PYTHON, "-c", script, ...ports.map(String)]);
+  await proc.waitFor(/held/);
+  return { release: async () => void await proc.stop("SIGKILL") };
+}
+
+/** A unique abstract socket name for one test. */
+export function uniqueName(prefix: string): string {
+  return `@${prefix}-${process.pid}-${Math.random().toString(36).slice(2, 10)}`;
+}
+
+/** Starts Debian's Python port server on `address` with `pool`. */
+export async function startPythonPortserver(address: string, pool: string): Promise<Proc> {
+  requirePython();
+  const proc = start([
+    PYTHON,
+    PYTHON_PORTSERVER,
+    `--portserver_address=${address}`,
+    `--portserver_static_pool=${pool}`,
+  ]);
+  await proc.waitFor(/Serving on/);
+  return proc;
+}
+
+/** Resolves after `ms` milliseconds. */
+export function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}

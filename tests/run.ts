@@ -1,0 +1,130 @@
+/**
+ * Runs the whole test suite on Deno, Bun and Node 24 (and Deno once more
+ * without --unstable-net, for its node:dgram fallback), streams their output
+ * and ends with one summary line: `N passed, N failed`.
+ *
+ * Usage: `node tests/run.ts [file filter]` (the README's `npm test`), or
+ * `deno task test`. Runtimes come from node_modules/.bin, else from PATH.
+ */
+
+import { spawn, spawnSync } from "node:child_process";
+import { existsSync, readdirSync } from "node:fs";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+
+const root = join(dirname(fileURLToPath(import.meta.url)), "..");
+const filter = process.argv[2] ?? "";
+const files = readdirSync(join(root, "tests"))
+  .filter((f) => f.endsWith(".test.ts") && f.includes(filter))
+  .sort()
+  .map((f) => `tests/${f}`);
+
+function tool(name: string): string {
+  const local = join(root, "node_modules", ".bin", name);
+  return existsSync(local) ? local : name;
+}
+
+interface Suite {
+  name: string;
+  command: string[];
+  env?: Record<string, string>;
+  /** Reads [passed, failed] off the runner's closing lines. */
+  count(output: string): [number, number] | undefined;
+}
+
+const last = (output: string, pattern: RegExp): number | undefined => {
+  const all = [...output.matchAll(pattern)];
+  return all.length ? Number(all[all.length - 1][1]) : undefined;
+};
+
+const denoCount = (out: string): [number, number] | undefined => {
+  // deno-lint-ignore no-control-regex
+  const plain = out.replace(/\x1b\[[0-9;]*m/g, "");
+  const m = /(?:ok|FAILED) \| (\d+) passed.*?\| (\d+) failed/.exec(plain);
+  return m ? [Number(m[1]), Number(m[2])] : undefined;
+};
+
+const deno = tool("deno");
+const suites: Suite[] = [
+  {
+    name: "deno",
+    command: [deno, "test", "-A", "--unstable-net", ...files],
+    count: denoCount,
+  },
+  {
+    // Deno without --unstable-net has no Deno.listenDatagram: node:dgram then.
+    name: "deno without --unstable-net",
+    command: [deno, "test", "-A", "--no-check", "--no-config", "--node-modules-dir=none", ...files.filter((f) => f.includes("picker"))],
+    env: { PORTPICKER_TEST_NO_UNSTABLE: "1" },
+    count: denoCount,
+  },
+  {
+    name: "bun",
+    command: [tool("bun"), "test", "--timeout", "120000", ...files.map((f) => `./${f}`)],
+    count: (out) => {
+      const pass = last(out, /^\s*(\d+) pass$/gm);
+      const fail = last(out, /^\s*(\d+) fail$/gm);
+      return pass === undefined || fail === undefined ? undefined : [pass, fail];
+    },
+  },
+  {
+    name: "node",
+    command: [tool("node"), "--test", "--test-concurrency=1", ...files],
+    count: (out) => {
+      const pass = last(out, /^ℹ pass (\d+)$/gm);
+      const fail = last(out, /^ℹ fail (\d+)$/gm);
+      const cancelled = last(out, /^ℹ cancelled (\d+)$/gm) ?? 0;
+      return pass === undefined || fail === undefined ? undefined : [pass, fail + cancelled];
+    },
+  },
+];
+
+if (files.length === 0) {
+  console.error(`no test file matches ${JSON.stringify(filter)}`);
+  console.log("0 passed, 1 failed");
+  process.exit(1);
+}
+
+const nodeVersion = spawnSync(tool("node"), ["--version"]).stdout?.toString().trim();
+if (!nodeVersion || Number(/^v(\d+)/.exec(nodeVersion)?.[1]) < 22) {
+  console.error(`tests need Node 22 or later, found ${nodeVersion ?? "none"}: run npm ci first`);
+  console.log("0 passed, 1 failed");
+  process.exit(1);
+}
+
+let passed = 0;
+let failed = 0;
+const lines: string[] = [];
+for (const suite of suites) {
+  console.log(`\n=== ${suite.name}: ${suite.command.slice(1).join(" ")}`);
+  const output = await new Promise<string>((resolve) => {
+    let text = "";
+    const child = spawn(suite.command[0], suite.command.slice(1), {
+      cwd: root,
+      env: { ...process.env, ...suite.env, NO_COLOR: "1" },
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    const take = (chunk: Buffer, to: NodeJS.WriteStream) => {
+      text += chunk.toString();
+      to.write(chunk);
+    };
+    child.stdout.on("data", (c: Buffer) => take(c, process.stdout));
+    child.stderr.on("data", (c: Buffer) => take(c, process.stderr));
+    child.on("error", (error) => resolve(`${text}\n${error.message}`));
+    child.on("close", (code) => resolve(`${text}\nexit ${code}`));
+  });
+  const counts = suite.count(output);
+  if (!counts) {
+    lines.push(`${suite.name}: no summary from the runner (counted as 1 failed)`);
+    failed += 1;
+    continue;
+  }
+  const exitCode = /exit (\d+)\s*$/.exec(output)?.[1];
+  if (counts[1] === 0 && exitCode !== "0") counts[1] = 1;
+  lines.push(`${suite.name}: ${counts[0]} passed, ${counts[1]} failed`);
+  passed += counts[0];
+  failed += counts[1];
+}
+console.log(`\n${lines.join("\n")}`);
+console.log(`${passed} passed, ${failed} failed`);
+process.exit(failed === 0 && passed > 0 ? 0 : 1);
