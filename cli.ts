@@ -203,16 +203,45 @@ const HOLD_MARKER = "__portpicker_hold__";
  * listening for `seconds`; resolves once they are bound.
  */
 async function holdInChild(ports: number[], seconds: number): Promise<void> {
-  const { spawn } = await import("node:child_process");
   const [command, ...args] = selfCommand();
-  const child = spawn(command, [
-    ...args,
-    HOLD_MARKER,
-    String(seconds),
-    ...ports.map(String),
-  ], {
+  args.push(HOLD_MARKER, String(seconds), ...ports.map(String));
+  // Its stdout is a pipe to us alone: `$(portpicker 0 60)` must not wait for it.
+  const answer = await spawnDetached(command, args);
+  if (!answer.startsWith("ready")) {
+    throw new Error(
+      `cannot hold the port: ${answer.replace(/^error /, "").trim()}`,
+    );
+  }
+}
+
+/** Starts a detached process and returns the first line it prints. */
+async function spawnDetached(command: string, args: string[]): Promise<string> {
+  // deno-lint-ignore no-explicit-any
+  const g = globalThis as any;
+  if (g.Deno) {
+    // Deno.Command needs no --allow-env, unlike node:child_process there.
+    const child = new g.Deno.Command(command, {
+      args,
+      stdin: "null",
+      stdout: "piped",
+      stderr: "null",
+      detached: true,
+    }).spawn() as Deno.ChildProcess;
+    const reader = child.stdout.getReader();
+    const decoder = new TextDecoder();
+    let text = "";
+    while (!text.includes("\n")) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      text += decoder.decode(value, { stream: true });
+    }
+    await reader.cancel();
+    child.unref();
+    return text || "error the holding process exited\n";
+  }
+  const { spawn } = await import("node:child_process");
+  const child = spawn(command, args, {
     detached: true,
-    // Not the caller's stdout: `$(portpicker 0 60)` must not wait for the child.
     stdio: ["ignore", "pipe", "ignore"],
   });
   const answer = await new Promise<string>((resolve) => {
@@ -229,11 +258,7 @@ async function holdInChild(ports: number[], seconds: number): Promise<void> {
   });
   child.stdout!.destroy();
   child.unref();
-  if (!answer.startsWith("ready")) {
-    throw new Error(
-      `cannot hold the port: ${answer.replace(/^error /, "").trim()}`,
-    );
-  }
+  return answer;
 }
 
 /** The detached child of {@linkcode holdInChild}. */

@@ -93,8 +93,11 @@ export function processStartTime(pid: number): number {
   try {
     stat = readText(`/proc/${pid}/stat`);
   } catch (error) {
+    // Only "no such file" means no such process; a refused read must not
+    // make every owner look dead.
+    const code = (error as { code?: string }).code;
+    if (isLinux && code !== "ENOENT" && code !== "ESRCH") throw error;
     if (isLinux) return 0;
-    void error;
     try {
       runtime.process.kill(pid, 0);
       return 1;
@@ -818,6 +821,17 @@ class StateFile {
 export async function startPortServer(
   options: PortServerOptions = {},
 ): Promise<PortServer> {
+  if (deno && isLinux) {
+    const { state } = await deno.permissions.query({
+      name: "read",
+      path: "/proc",
+    });
+    if (state !== "granted") {
+      throw new Error(
+        "The port server needs --allow-read (for /proc/<pid>/stat) on Deno",
+      );
+    }
+  }
   const ports = poolPorts(options.pool ?? parsePortRanges(DEFAULT_POOL));
   if (ports.length === 0) throw new Error("No ports in the pool.");
   const server = new Server(options, ports);

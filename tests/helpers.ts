@@ -4,9 +4,11 @@
  */
 
 import { type ChildProcess, spawn } from "node:child_process";
-import { existsSync } from "node:fs";
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
-import { fileURLToPath } from "node:url";
+import { fileURLToPath, pathToFileURL } from "node:url";
+import { isPortFree } from "../mod.ts";
 
 // deno-lint-ignore no-explicit-any
 const g = globalThis as any;
@@ -243,4 +245,75 @@ export async function startPythonPortserver(address: string, pool: string): Prom
 /** Resolves after `ms` milliseconds. */
 export function sleep(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+/** mod.ts as a file URL, for scripts written by the tests. */
+export const MOD_URL: string = pathToFileURL(join(ROOT, "mod.ts")).href;
+
+/** Makes a fresh temporary folder; `remove()` deletes it and what it holds. */
+export function tempDir(prefix = "portpicker-test-"): { path: string; remove(): void } {
+  const path = mkdtempSync(join(tmpdir(), prefix));
+  return { path, remove: () => rmSync(path, { recursive: true, force: true }) };
+}
+
+/** The command that runs a script at an absolute path on the runtime running the test. */
+export function scriptCommand(path: string): string[] {
+  if (RUNTIME === "deno") {
+    const unstable = process.env.PORTPICKER_TEST_NO_UNSTABLE ? [] : ["--unstable-net"];
+    return [g.Deno.execPath(), "run", "-A", "--no-config", ...unstable, path];
+  }
+  return [process.execPath, path];
+}
+
+/**
+ * Writes `code` to a temporary module and runs it to its end, on the runtime
+ * running the test (or with `command`, given the script's path). The code can
+ * import the library from {@linkcode MOD_URL}.
+ */
+export async function runScript(
+  code: string,
+  options: {
+    env?: Record<string, string | undefined>;
+    timeoutMs?: number;
+    command?: (path: string) => string[];
+  } = {},
+): Promise<RunResult> {
+  const dir = tempDir("portpicker-script-");
+  try {
+    const path = join(dir.path, "script.mts");
+    writeFileSync(path, code);
+    const command = (options.command ?? scriptCommand)(path);
+    return await run(command, {
+      timeoutMs: options.timeoutMs,
+      env: { PORTSERVER_ADDRESS: undefined, ...options.env },
+    });
+  } finally {
+    dir.remove();
+  }
+}
+
+/**
+ * An inclusive range of `size` ports that are all free now, below the
+ * kernel's ephemeral range (32768 and up) and above the default search range
+ * (15000–24999), so that neither the kernel nor other pickers hand them out.
+ */
+export async function freeRange(size: number): Promise<[number, number]> {
+  const low = 25000;
+  const high = 32767 - size + 1;
+  for (let attempt = 0; attempt < 200; attempt++) {
+    const first = low + Math.floor(Math.random() * (high - low + 1));
+    let ok = true;
+    for (let port = first; port < first + size && ok; port++) {
+      ok = await isPortFree(port);
+    }
+    if (ok) return [first, first + size - 1];
+  }
+  throw new Error(`no free range of ${size} ports found in ${low}-32767`);
+}
+
+/** The ports from `range[0]` to `range[1]`. */
+export function portsOf(range: readonly [number, number]): number[] {
+  const out: number[] = [];
+  for (let port = range[0]; port <= range[1]; port++) out.push(port);
+  return out;
 }
