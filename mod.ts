@@ -129,6 +129,23 @@ interface ErrorWithCode {
 // deno-lint-ignore no-explicit-any
 const runtime = globalThis as any;
 const deno: typeof Deno | undefined = runtime.Deno;
+/** Bun's native socket API, the part used here. */
+const bun: BunSockets | undefined = runtime.Bun;
+
+interface BunSockets {
+  listen(
+    options: { hostname: string; port: number; socket: { data(): void } },
+  ): {
+    port: number;
+    unref(): void;
+    stop(closeActive: boolean): void;
+  };
+  udpSocket(options: { hostname: string; port: number }): Promise<{
+    port: number;
+    unref(): void;
+    close(): void;
+  }>;
+}
 const isWindows = deno
   ? deno.build.os === "windows"
   : runtime.process?.platform === "win32";
@@ -139,12 +156,21 @@ let dgramModule: Promise<typeof import("node:dgram")> | undefined;
 const loadNet = () => netModule ??= import("node:net");
 const loadDgram = () => dgramModule ??= import("node:dgram");
 
+const CLOSED: Promise<void> = Promise.resolve();
+
 async function bindTcp(hostname: string, port: number): Promise<BoundSocket> {
+  if (bun) {
+    // Bun's own sockets: a quarter faster than its node:net here.
+    const listener = bun.listen({ hostname, port, socket: { data() {} } });
+    // A held port must not keep the caller's process alive.
+    listener.unref();
+    return { port: listener.port, close: () => (listener.stop(true), CLOSED) };
+  }
   if (deno) {
     const listener = deno.listen({ hostname, port, transport: "tcp" });
     return {
       port: (listener.addr as Deno.NetAddr).port,
-      close: () => Promise.resolve(listener.close()),
+      close: () => (listener.close(), CLOSED),
     };
   }
   const net = await loadNet();
@@ -164,12 +190,17 @@ async function bindTcp(hostname: string, port: number): Promise<BoundSocket> {
 }
 
 async function bindUdp(hostname: string, port: number): Promise<BoundSocket> {
+  if (bun) {
+    const socket = await bun.udpSocket({ hostname, port });
+    socket.unref();
+    return { port: socket.port, close: () => (socket.close(), CLOSED) };
+  }
   // Deno.listenDatagram exists only with --unstable-net.
   if (deno && typeof deno.listenDatagram === "function") {
     const conn = deno.listenDatagram({ hostname, port, transport: "udp" });
     return {
       port: (conn.addr as Deno.NetAddr).port,
-      close: () => Promise.resolve(conn.close()),
+      close: () => (conn.close(), CLOSED),
     };
   }
   const dgram = await loadDgram();
@@ -247,6 +278,31 @@ function bindError(
 const WILDCARDS = ["::", "0.0.0.0"] as const;
 
 /**
+ * Per protocol: whether one bind on `::` covers IPv4 too (dual-stack, as
+ * Linux does by default). Then a single bind checks both families: it fails
+ * whenever an IPv4 or an IPv6 socket holds the port, as the two binds of the
+ * Python original would. Found out once, on first use.
+ */
+const dualStack: Partial<Record<Proto, Promise<boolean>>> = {};
+
+async function detectDualStack(proto: Proto): Promise<boolean> {
+  let v6: BoundSocket;
+  try {
+    v6 = await bindOne(proto, "::", 0);
+  } catch {
+    return false;
+  }
+  try {
+    await (await bindOne(proto, "0.0.0.0", v6.port)).close();
+    return false;
+  } catch (error) {
+    return classify(error) === "taken";
+  } finally {
+    await v6.close();
+  }
+}
+
+/**
  * Python's `bind()`: binds `port` on each family the host has, one at a time,
  * and closes it again. Port 0 takes the kernel's choice on IPv6 and then tries
  * that port on IPv4. Returns the port, or undefined when it is taken on any
@@ -256,8 +312,11 @@ async function bindEachFamily(
   proto: Proto,
   port: number,
 ): Promise<number | undefined> {
+  const hosts = (await (dualStack[proto] ??= detectDualStack(proto)))
+    ? DUAL
+    : WILDCARDS;
   let found = false;
-  for (const hostname of WILDCARDS) {
+  for (const hostname of hosts) {
     let socket: BoundSocket;
     try {
       socket = await bindOne(proto, hostname, port);
@@ -273,6 +332,8 @@ async function bindEachFamily(
   }
   return found ? port : undefined;
 }
+
+const DUAL = ["::"] as const;
 
 /**
  * Binds `port` on TCP and UDP on the wildcard address and keeps both bound:
@@ -657,6 +718,9 @@ async function claim(port: number, hold: boolean): Promise<Held | undefined> {
   };
 }
 
+const UDP_FIRST = ["udp", "tcp"] as const;
+const TCP_FIRST = ["tcp", "udp"] as const;
+
 /** The one pick, in the Python order; `taken` holds this call's other ports. */
 async function pickOne(
   p: Plan,
@@ -698,13 +762,15 @@ async function pickOne(
   }
 
   if (!p.rangeGiven) {
-    // The kernel's choice first; TCP before UDP because some kernels kept
-    // handing out the same UDP port.
+    // The kernel's choice: on Linux, UDP's port 0 is random while TCP's often
+    // repeats the port just closed (which this process was just given), so
+    // UDP first; every other try TCP first, for kernels where UDP repeats.
     for (let i = 0; i < 10; i++) {
-      const port = await bindEachFamily("tcp", 0);
+      const [first, second] = i % 2 === 0 ? UDP_FIRST : TCP_FIRST;
+      const port = await bindEachFamily(first, 0);
       if (port === undefined) continue;
       if (!allowed(port, p, taken) || randomPorts.has(port)) continue;
-      if ((await bindEachFamily("udp", port)) === undefined) continue;
+      if ((await bindEachFamily(second, port)) === undefined) continue;
       const held = hold
         ? await claim(port, true)
         : { port, release: NOTHING_HELD };

@@ -317,3 +317,63 @@ export function portsOf(range: readonly [number, number]): number[] {
   for (let port = range[0]; port <= range[1]; port++) out.push(port);
   return out;
 }
+
+/**
+ * Binds `port` at once on TCP (listening) and UDP, on IPv4 and IPv6-only,
+ * from a Python process, then lets go. Resolves to null when all four binds
+ * succeeded, else to the error Python reported.
+ */
+export async function bindAllFamiliesWithPython(port: number): Promise<string | null> {
+  const script = `
+import socket, sys
+port = int(sys.argv[1])
+held = []
+try:
+    for fam in (socket.AF_INET, socket.AF_INET6):
+        for typ in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+            s = socket.socket(fam, typ)
+            held.append(s)
+            if fam == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.bind(("", port))
+            if typ == socket.SOCK_STREAM:
+                s.listen(1)
+except OSError as e:
+    print(f"{fam.name} {typ.name}: {e}")
+    sys.exit(1)
+print("ok")
+`;
+  const result = await run([PYTHON, "-c", script, String(port)]);
+  return result.code === 0 && result.stdout === "ok\n" ? null : result.stdout + result.stderr;
+}
+
+/**
+ * Whether a Python process can bind `port` with one socket of `kind` (TCP
+ * sockets also listen); the socket is closed at once.
+ */
+export async function canBindWithPython(kind: HoldKind, port: number): Promise<boolean> {
+  const script = `
+import socket, sys
+kind, port = sys.argv[1], int(sys.argv[2])
+fam = socket.AF_INET if kind in ("tcp4", "udp4") else socket.AF_INET6
+typ = socket.SOCK_DGRAM if kind.startswith("udp") else socket.SOCK_STREAM
+s = socket.socket(fam, typ)
+if fam == socket.AF_INET6:
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if kind.endswith("6only") else 0)
+try:
+    s.bind(("", port))
+    if typ == socket.SOCK_STREAM:
+        s.listen(1)
+except OSError as e:
+    print(e)
+    sys.exit(3)
+print("bound")
+`;
+  const result = await run([PYTHON, "-c", script, kind, String(port)]);
+  if (result.code === 0 && result.stdout === "bound\n") return true;
+  if (result.code === 3) return false;
+  throw new Error(`python bind check failed: exit ${result.code} ${result.stderr}`);
+}
+
+/** The kinds of socket of {@linkcode HoldKind}, all of them. */
+export const HOLD_KINDS: readonly HoldKind[] = ["tcp4", "tcp6only", "udp4", "udp6only", "dual"];

@@ -1,0 +1,357 @@
+/**
+ * The command line, run as a real process on the runtime running the test,
+ * and as a binary compiled with `bun build --compile`.
+ */
+
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { readFileSync, rmSync } from "node:fs";
+import { connect } from "node:net";
+import { join } from "node:path";
+import { isPortFree } from "../mod.ts";
+import {
+  canBindWithPython,
+  freeRange,
+  HOLD_KINDS,
+  holdWithPython,
+  portsOf,
+  type Proc,
+  ROOT,
+  run,
+  type RunResult,
+  runCli,
+  runtimeCommand,
+  sleep,
+  start,
+  startPythonPortserver,
+  tempDir,
+  tool,
+  uniqueName,
+} from "./helpers.ts";
+
+const VERSION: string = JSON.parse(readFileSync(join(ROOT, "deno.json"), "utf8")).version;
+
+/** The ports printed one a line, checking the output's shape. */
+function printedPorts(result: RunResult, count: number): number[] {
+  assert.equal(result.code, 0, `exit ${result.code}: ${result.stderr}`);
+  assert.match(result.stdout, new RegExp(`^(\\d+\\n){${count}}$`));
+  const ports = result.stdout.trim().split("\n").map(Number);
+  for (const port of ports) assert.ok(port >= 1 && port <= 65535, `bad port ${port}`);
+  assert.equal(new Set(ports).size, count, `not distinct: ${ports}`);
+  return ports;
+}
+
+/** The pids a Python port server was asked for, from its log. */
+function requestedPids(server: Proc): number[] {
+  return [...server.stderr().matchAll(/Request on behalf of pid (\d+)/g)].map((m) => Number(m[1]));
+}
+
+function inRange(port: number, range: readonly [number, number]): boolean {
+  return port >= range[0] && port <= range[1];
+}
+
+/** Asserts a usage error: exit 2, one line on stderr, no stack trace, nothing on stdout. */
+function assertUsageError(result: RunResult, args: string[]): void {
+  const what = JSON.stringify(args);
+  assert.equal(result.code, 2, `${what}: exit ${result.code}; ${result.stderr}`);
+  assert.equal(result.stdout, "", what);
+  assert.match(result.stderr, /^portpicker: [^\n]+\n$/, `${what}: ${result.stderr}`);
+  assert.doesNotMatch(result.stderr, /^\s+at /m, what);
+}
+
+/** Resolves with the exit code once `proc` ends (fails after `timeoutMs`). */
+function exited(proc: Proc, timeoutMs: number): Promise<number | null> {
+  const child = proc.child;
+  if (child.exitCode !== null || child.signalCode !== null) return Promise.resolve(child.exitCode);
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`still running after ${timeoutMs} ms`)), timeoutMs);
+    child.once("exit", (code) => {
+      clearTimeout(timer);
+      resolve(code);
+    });
+  });
+}
+
+/** Whether a TCP connection to 127.0.0.1:`port` is accepted. */
+function tcpConnects(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const socket = connect({ host: "127.0.0.1", port });
+    socket.once("connect", () => {
+      socket.destroy();
+      resolve(true);
+    });
+    socket.once("error", () => resolve(false));
+  });
+}
+
+/** Waits until `port` is free, up to `timeoutMs`; whether it became free. */
+async function becomesFree(port: number, timeoutMs: number): Promise<boolean> {
+  const end = Date.now() + timeoutMs;
+  while (Date.now() < end) {
+    if (await isPortFree(port)) return true;
+    await sleep(50);
+  }
+  return await isPortFree(port);
+}
+
+/**
+ * `command <pid> <seconds>`: returns right after printing, the port listens
+ * meanwhile, and is free again a little after `seconds`.
+ */
+async function checkHold(command: string[], seconds: number): Promise<void> {
+  const proc = start([...command, String(process.pid), String(seconds)], { PORTSERVER_ADDRESS: undefined });
+  try {
+    await proc.waitFor(/^\d+\n/, 15_000);
+    const printed = Date.now();
+    assert.equal(await exited(proc, 5_000), 0, proc.stderr());
+    assert.ok(Date.now() - printed < 1_000, `exited ${Date.now() - printed} ms after printing`);
+    assert.match(proc.stdout(), /^\d+\n$/);
+    const port = Number(proc.stdout());
+    assert.equal(await isPortFree(port), false, "the port is not held after the command returned");
+    assert.equal(await tcpConnects(port), true, "nothing listens on the port");
+    for (const kind of HOLD_KINDS) {
+      assert.equal(await canBindWithPython(kind, port), false, `a ${kind} socket could bind ${port}`);
+    }
+    await sleep(Math.max(0, printed + seconds * 500 - Date.now()));
+    assert.equal(await isPortFree(port), false, "the port was let go before half the time");
+    await sleep(Math.max(0, printed + seconds * 1000 + 300 - Date.now()));
+    assert.equal(await becomesFree(port, 2_000), true, `port ${port} still held after ${seconds} s`);
+  } finally {
+    await proc.stop("SIGKILL");
+  }
+}
+
+test("prints one port and a newline, exit 0", async () => {
+  const ports = printedPorts(await runCli([]), 1);
+  assert.equal(await isPortFree(ports[0]), true);
+});
+
+test("the pid argument is told to the port server", async () => {
+  const address = uniqueName("cli-pid");
+  const pool = await freeRange(3);
+  const server = await startPythonPortserver(address, `${pool[0]}-${pool[1]}`);
+  try {
+    // Any live process other than the test: the server itself.
+    const pid = server.child.pid!;
+    const [port] = printedPorts(await runCli([String(pid)], { env: { PORTSERVER_ADDRESS: address } }), 1);
+    assert.ok(inRange(port, pool), `${port} not from the pool ${pool}`);
+    assert.deepEqual(requestedPids(server), [pid]);
+  } finally {
+    await server.stop();
+  }
+});
+
+test("without a pid, the port server is told the parent's pid", async () => {
+  const address = uniqueName("cli-ppid");
+  const pool = await freeRange(3);
+  const server = await startPythonPortserver(address, `${pool[0]}-${pool[1]}`);
+  try {
+    const [port] = printedPorts(await runCli([], { env: { PORTSERVER_ADDRESS: address } }), 1);
+    assert.ok(inRange(port, pool), `${port} not from the pool ${pool}`);
+    assert.deepEqual(requestedPids(server), [process.pid]);
+  } finally {
+    await server.stop();
+  }
+});
+
+test("--portserver ADDRESS gets the port from that server's pool", async () => {
+  const address = uniqueName("cli-option");
+  const pool = await freeRange(3);
+  const server = await startPythonPortserver(address, `${pool[0]}-${pool[1]}`);
+  try {
+    const ports = printedPorts(await runCli(["--portserver", address, "-n", "2"]), 2);
+    for (const port of ports) assert.ok(inRange(port, pool), `${port} not from the pool ${pool}`);
+    assert.deepEqual(requestedPids(server), [process.pid, process.pid]);
+  } finally {
+    await server.stop();
+  }
+});
+
+test("an empty PORTSERVER_ADDRESS asks no server and says nothing", async () => {
+  const result = await runCli([], { env: { PORTSERVER_ADDRESS: "" } });
+  printedPorts(result, 1);
+  assert.equal(result.stderr, "");
+});
+
+test("with no server at PORTSERVER_ADDRESS, prints a port and the Python client's message", async () => {
+  const result = await runCli([], { env: { PORTSERVER_ADDRESS: uniqueName("cli-nobody") } });
+  printedPorts(result, 1);
+  assert.match(result.stderr, /^Socket error when connecting to portserver: [^\n]+\n$/);
+});
+
+test("-n 3 and --count 3 print 3 distinct ports", async () => {
+  printedPorts(await runCli(["-n", "3"]), 3);
+  printedPorts(await runCli(["--count", "3"]), 3);
+  printedPorts(await runCli(["--count=3"]), 3);
+});
+
+test("--range A-B prints ports within A-B", async () => {
+  const range = await freeRange(5);
+  const ports = printedPorts(await runCli(["--range", `${range[0]}-${range[1]}`, "-n", "5"]), 5);
+  assert.deepEqual(new Set(ports), new Set(portsOf(range)));
+});
+
+test("--exclude ports are never printed", async () => {
+  const range = await freeRange(4);
+  const [a, b, c, d] = portsOf(range);
+  const spec = `${a}-${d}`;
+  assert.deepEqual(printedPorts(await runCli(["--range", spec, "--exclude", `${a},${c},${d}`]), 1), [b]);
+  const ports = printedPorts(await runCli(["--range", spec, "--exclude", `${b}`, "-n", "3"]), 3);
+  assert.deepEqual(new Set(ports), new Set([a, c, d]));
+});
+
+test("--json prints {\"ports\":[...]}", async () => {
+  const result = await runCli(["--json", "-n", "2"]);
+  assert.equal(result.code, 0, result.stderr);
+  assert.match(result.stdout, /\n$/);
+  const parsed = JSON.parse(result.stdout);
+  assert.deepEqual(Object.keys(parsed), ["ports"]);
+  assert.equal(parsed.ports.length, 2);
+  assert.ok(parsed.ports.every((p: unknown) => Number.isInteger(p)));
+  assert.notEqual(parsed.ports[0], parsed.ports[1]);
+});
+
+test("-h and --help print the usage, exit 0", async () => {
+  for (const flag of ["-h", "--help"]) {
+    const result = await runCli([flag]);
+    assert.equal(result.code, 0, result.stderr);
+    assert.match(result.stdout, /Usage:/);
+    assert.equal(result.stderr, "");
+  }
+});
+
+test("-V and --version print the version of deno.json, exit 0", async () => {
+  for (const flag of ["-V", "--version"]) {
+    const result = await runCli([flag]);
+    assert.equal(result.code, 0, result.stderr);
+    assert.equal(result.stdout, `portpicker ${VERSION}\n`);
+  }
+});
+
+const USAGE_ERRORS: string[][] = [
+  ["abc"],
+  ["0"],
+  ["-5"],
+  ["99999999999"],
+  ["1", "2", "3"],
+  ["1", "soon"],
+  ["--range", "5-3"],
+  ["--range", "x"],
+  ["--range", "0-10"],
+  ["--range", "1-70000"],
+  ["--exclude", "abc"],
+  ["--exclude", "0"],
+  ["--count", "0"],
+  ["-n", "x"],
+  ["-n"],
+  ["--nope"],
+  ["--portserver", ""],
+];
+
+test("each usage error exits 2 with one line on stderr", async () => {
+  const results = await Promise.all(USAGE_ERRORS.map((args) => runCli(args)));
+  USAGE_ERRORS.forEach((args, i) => assertUsageError(results[i], args));
+});
+
+test("no free port exits 1 with one line naming the range", async () => {
+  const holder = await holdWithPython("dual");
+  try {
+    const spec = `${holder.port}-${holder.port}`;
+    const result = await runCli(["--range", spec]);
+    assert.equal(result.code, 1, result.stderr);
+    assert.equal(result.stdout, "");
+    assert.match(result.stderr, /^portpicker: [^\n]+\n$/);
+    assert.ok(result.stderr.includes(spec), result.stderr);
+    assert.doesNotMatch(result.stderr, /^\s+at /m);
+  } finally {
+    await holder.release();
+  }
+});
+
+test("hold_seconds: returns at once, the port listens meanwhile, then is free", async () => {
+  await checkHold(runtimeCommand("cli.ts"), 2);
+});
+
+test("$(portpicker $$ 3) does not wait for the holding process", async () => {
+  const quote = (s: string) => `'${s.replaceAll("'", `'\\''`)}'`;
+  const cli = runtimeCommand("cli.ts").map(quote).join(" ");
+  const started = Date.now();
+  const result = await run(["bash", "-c", `p=$(${cli} "$$" 3); echo "got $p"`], {
+    env: { PORTSERVER_ADDRESS: undefined },
+    timeoutMs: 10_000,
+  });
+  const took = Date.now() - started;
+  assert.equal(result.code, 0, result.stderr);
+  assert.match(result.stdout, /^got \d+\n$/);
+  assert.ok(took < 2_000, `bash took ${took} ms`);
+  const port = Number(result.stdout.slice(4));
+  assert.equal(await isPortFree(port), false, "the port is not held");
+});
+
+// ---------------------------------------------------------------------------
+// The binary compiled by `bun build --compile`, built once.
+
+let binary: Promise<string> | undefined;
+
+function compiled(): Promise<string> {
+  return binary ??= (async () => {
+    const dir = tempDir("portpicker-bin-");
+    process.on("exit", () => rmSync(dir.path, { recursive: true, force: true }));
+    const out = join(dir.path, "portpicker");
+    const result = await run([tool("bun"), "build", "--compile", join(ROOT, "cli.ts"), "--outfile", out], {
+      timeoutMs: 120_000,
+    });
+    assert.equal(result.code, 0, `bun build --compile failed: ${result.stderr}${result.stdout}`);
+    return out;
+  })();
+}
+
+test("compiled binary: prints one port, exit 0", async () => {
+  const bin = await compiled();
+  printedPorts(await run([bin], { env: { PORTSERVER_ADDRESS: undefined } }), 1);
+});
+
+test("compiled binary: -n 2 --json", async () => {
+  const result = await run([await compiled(), "-n", "2", "--json"], { env: { PORTSERVER_ADDRESS: undefined } });
+  assert.equal(result.code, 0, result.stderr);
+  const { ports } = JSON.parse(result.stdout);
+  assert.equal(ports.length, 2);
+  assert.notEqual(ports[0], ports[1]);
+});
+
+test("compiled binary: usage errors exit 2 with one line", async () => {
+  const bin = await compiled();
+  for (const args of [["--nope"], ["abc"], ["--range", "5-3"]]) {
+    assertUsageError(await run([bin, ...args]), args);
+  }
+});
+
+test("compiled binary: --help and --version", async () => {
+  const bin = await compiled();
+  const help = await run([bin, "--help"]);
+  assert.equal(help.code, 0, help.stderr);
+  assert.match(help.stdout, /Usage:/);
+  const version = await run([bin, "--version"]);
+  assert.equal(version.code, 0, version.stderr);
+  assert.equal(version.stdout, `portpicker ${VERSION}\n`);
+});
+
+test("compiled binary: the pid argument is told to the port server", async () => {
+  const address = uniqueName("bin-pid");
+  const pool = await freeRange(2);
+  const server = await startPythonPortserver(address, `${pool[0]}-${pool[1]}`);
+  try {
+    const bin = await compiled();
+    const pid = server.child.pid!;
+    const [a] = printedPorts(await run([bin, String(pid)], { env: { PORTSERVER_ADDRESS: address } }), 1);
+    const [b] = printedPorts(await run([bin], { env: { PORTSERVER_ADDRESS: address } }), 1);
+    assert.ok(inRange(a, pool) && inRange(b, pool), `${a}, ${b} not from the pool ${pool}`);
+    assert.deepEqual(requestedPids(server), [pid, process.pid]);
+  } finally {
+    await server.stop();
+  }
+});
+
+test("compiled binary: hold_seconds 1 keeps the port listening, then frees it", async () => {
+  await checkHold([await compiled()], 1);
+});
