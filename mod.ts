@@ -16,6 +16,8 @@
  * @module
  */
 
+import { claimPort, releaseClaim, reservedPorts } from "./claims.ts";
+
 /** The version of this package. */
 export const VERSION = "0.1.0";
 
@@ -86,6 +88,13 @@ export interface PickOptions {
   range?: readonly [number, number];
   /** Ports never returned. */
   exclude?: Iterable<number>;
+  /**
+   * A directory shared by processes that must never get the same port, with
+   * no port server: each port picked here is claimed with a file in it.
+   * Defaults to the `PORTPICKER_LOCK_DIR` environment variable; without
+   * either, no claims are made.
+   */
+  lockDir?: string;
 }
 
 /** Options of {@linkcode getPortFromPortServer}. */
@@ -457,6 +466,7 @@ export function addReservedPort(port: number): void {
  */
 export function returnPort(port: number): void {
   checkPort(port);
+  releaseClaim(port);
   if (randomPorts.delete(port)) return;
   if (ownedPorts.delete(port)) freePorts.add(port);
 }
@@ -633,7 +643,7 @@ function readEnv(name: string): string | undefined {
     if (!envWarned) {
       envWarned = true;
       console.error(
-        `portpicker: ${name} not read (Deno needs --allow-env=${name}); picking without a port server`,
+        "portpicker: PORTSERVER_ADDRESS and PORTPICKER_LOCK_DIR not read (Deno needs --allow-env); picking without them",
       );
     }
     return undefined;
@@ -656,6 +666,7 @@ interface Plan {
   range: readonly [number, number];
   rangeGiven: boolean;
   exclude: Set<number>;
+  lockDir: string | undefined;
 }
 
 function plan(options: PickOptions | undefined): Plan {
@@ -673,6 +684,14 @@ function plan(options: PickOptions | undefined): Plan {
       `Invalid portserverAddress ${formatValue(address)}: expected a string`,
     );
   }
+  if (
+    opts.lockDir !== undefined &&
+    (typeof opts.lockDir !== "string" || opts.lockDir === "")
+  ) {
+    throw new TypeError(
+      `Invalid lockDir ${formatValue(opts.lockDir)}: expected a directory path`,
+    );
+  }
   return {
     pid: opts.pid === undefined ? undefined : checkPid(opts.pid),
     serverAddress: address,
@@ -682,11 +701,13 @@ function plan(options: PickOptions | undefined): Plan {
     exclude: new Set(
       [...(opts.exclude ?? [])].map((p) => checkPort(p, "excluded port")),
     ),
+    lockDir: opts.lockDir ?? (readEnv("PORTPICKER_LOCK_DIR") || undefined),
   };
 }
 
 function allowed(port: number, p: Plan, taken: Set<number>): boolean {
   if (p.exclude.has(port) || taken.has(port)) return false;
+  if (reservedPorts().has(port)) return false;
   return !p.rangeGiven || (port >= p.range[0] && port <= p.range[1]);
 }
 
@@ -718,6 +739,23 @@ async function claim(port: number, hold: boolean): Promise<Held | undefined> {
   };
 }
 
+/**
+ * Takes a port this process found free: claims it in the lock directory, if
+ * any (another process may have it), and remembers it as given.
+ */
+async function take(
+  held: Held | undefined,
+  p: Plan,
+): Promise<Held | undefined> {
+  if (!held) return undefined;
+  if (p.lockDir !== undefined && !claimPort(p.lockDir, held.port)) {
+    await held.release();
+    return undefined;
+  }
+  randomPorts.add(held.port);
+  return held;
+}
+
 const UDP_FIRST = ["udp", "tcp"] as const;
 const TCP_FIRST = ["tcp", "udp"] as const;
 
@@ -737,11 +775,8 @@ async function pickOne(
       ownedPorts.add(port);
       return await tryHold(port, hold);
     }
-    const held = await claim(port, hold);
-    if (held) {
-      randomPorts.add(port);
-      return held;
-    }
+    const held = await take(await claim(port, hold), p);
+    if (held) return held;
   }
 
   for (const port of freePorts) {
@@ -771,12 +806,11 @@ async function pickOne(
       if (port === undefined) continue;
       if (!allowed(port, p, taken) || randomPorts.has(port)) continue;
       if ((await bindEachFamily(second, port)) === undefined) continue;
-      const held = hold
-        ? await claim(port, true)
-        : { port, release: NOTHING_HELD };
-      if (!held) continue;
-      randomPorts.add(port);
-      return held;
+      const held = await take(
+        hold ? await claim(port, true) : { port, release: NOTHING_HELD },
+        p,
+      );
+      if (held) return held;
     }
   }
 
@@ -795,11 +829,8 @@ async function pickOne(
     candidates[i] = candidates[candidates.length - 1];
     candidates.pop();
     tried++;
-    const held = await claim(port, hold);
-    if (held) {
-      randomPorts.add(port);
-      return held;
-    }
+    const held = await take(await claim(port, hold), p);
+    if (held) return held;
   }
   throw new NoFreePortFoundError(p.range, tried);
 }

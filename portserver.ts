@@ -18,6 +18,12 @@
 
 import * as fs from "node:fs";
 import { parseArgs } from "node:util";
+import {
+  ephemeralRange,
+  isLinux,
+  processStartTime,
+  reservedPorts,
+} from "./claims.ts";
 import { isPortFree } from "./mod.ts";
 
 // deno-lint-ignore no-explicit-any
@@ -80,47 +86,6 @@ export interface PortServer {
 }
 
 // ---------------------------------------------------------------------------
-// Processes: is the owner of a port still the same live process?
-
-/**
- * The start time of `pid` (Linux: clock ticks since boot, from
- * `/proc/<pid>/stat`), or 0 when no live process has that pid. Zombies count
- * as dead. Elsewhere: 1 while the pid exists, so reuse goes undetected.
- */
-export function processStartTime(pid: number): number {
-  if (pid <= 0) return 0;
-  let stat: string;
-  try {
-    stat = readText(`/proc/${pid}/stat`);
-  } catch (error) {
-    // Only "no such file" means no such process; a refused read must not
-    // make every owner look dead.
-    const code = (error as { code?: string }).code;
-    if (isLinux && code !== "ENOENT" && code !== "ESRCH") throw error;
-    if (isLinux) return 0;
-    try {
-      runtime.process.kill(pid, 0);
-      return 1;
-    } catch (e) {
-      return (e as { code?: string }).code === "EPERM" ? 1 : 0;
-    }
-  }
-  // The command name may hold spaces and parentheses: fields follow the last ")".
-  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-  if (fields[0] === "Z" || fields[0] === "X") return 0;
-  return Number(fields[19]) || 1;
-}
-
-const isLinux = deno
-  ? deno.build.os === "linux"
-  : runtime.process?.platform === "linux";
-
-function readText(path: string): string {
-  // Deno's own call is the faster of the two there.
-  return deno ? deno.readTextFileSync(path) : fs.readFileSync(path, "utf8");
-}
-
-// ---------------------------------------------------------------------------
 // The pool.
 
 interface Owner {
@@ -151,6 +116,12 @@ class Pool {
 
   has(port: number): boolean {
     return this.#members.has(port);
+  }
+
+  count(predicate: (port: number) => boolean): number {
+    let n = 0;
+    for (const port of this.#members) if (predicate(port)) n++;
+    return n;
   }
 
   get allocated(): number {
@@ -389,8 +360,27 @@ class Server implements PortServer {
         this.info(`Restored ${restored} allocations of live processes.`);
       }
     }
+    this.#warnEphemeralOverlap();
     this.#close = await listen(this.address, this);
     this.info(`Serving on ${this.address}`);
+  }
+
+  /** Outgoing connections take their local ports from the ephemeral range. */
+  #warnEphemeralOverlap(): void {
+    const range = ephemeralRange();
+    if (!range) return;
+    const overlap = this.#pool.count((port) =>
+      port >= range[0] && port <= range[1]
+    );
+    if (overlap > 0) {
+      this.warn(
+        `${overlap} ports of the pool lie in the kernel's ephemeral range ${
+          range[0]
+        }-${
+          range[1]
+        } (ip_local_port_range): outgoing connections may take them at any time.`,
+      );
+    }
   }
 
   /** A new client: read its request, with a deadline. */
@@ -832,7 +822,9 @@ export async function startPortServer(
       );
     }
   }
-  const ports = poolPorts(options.pool ?? parsePortRanges(DEFAULT_POOL));
+  const reserved = reservedPorts();
+  const ports = poolPorts(options.pool ?? parsePortRanges(DEFAULT_POOL))
+    .filter((port) => !reserved.has(port));
   if (ports.length === 0) throw new Error("No ports in the pool.");
   const server = new Server(options, ports);
   await server.open();

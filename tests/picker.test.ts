@@ -5,6 +5,7 @@
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
+import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import {
   addReservedPort,
@@ -516,7 +517,6 @@ test("Deno with only --allow-net picks a port and says once that PORTSERVER_ADDR
   const dir = tempDir();
   try {
     const path = join(dir.path, "deno-net-only.mts");
-    const { writeFileSync } = await import("node:fs");
     writeFileSync(
       path,
       `
@@ -537,6 +537,86 @@ console.error(a === b ? "same port twice" : "distinct");
     assert.match(result.stderr, /distinct/);
     // Not read, so not asked: no connection attempt.
     assert.doesNotMatch(result.stderr, /Socket error/);
+  } finally {
+    dir.remove();
+  }
+});
+
+test("a port handed out from the free set is not handed out again before it is returned", async () => {
+  // Separate process: the per-process state stays clean here whatever happens.
+  const [port] = await freeRange(1);
+  const result = await runScript(`
+import { addReservedPort, pickUnusedPort, returnPort } from ${JSON.stringify(MOD_URL)};
+const out = [];
+const attempt = async () => {
+  try {
+    out.push(await pickUnusedPort({ range: [${port}, ${port}] }));
+  } catch (error) {
+    out.push(error.name);
+  }
+};
+addReservedPort(${port});
+out.push(await pickUnusedPort());
+await attempt(); // still given: no port left in the range
+returnPort(${port});
+await attempt(); // returned: from the free set again
+console.log(JSON.stringify(out));
+`);
+  assert.equal(result.code, 0, result.stderr);
+  assert.deepEqual(JSON.parse(result.stdout), [port, "NoFreePortFoundError", port]);
+});
+
+test("a port from the port server is not handed out again before it is returned", async () => {
+  const address = uniqueName("py-twice");
+  const [port] = await freeRange(1);
+  const server = await startPythonPortserver(address, `${port}-${port}`);
+  try {
+    const result = await runScript(`
+import { pickUnusedPort } from ${JSON.stringify(MOD_URL)};
+const out = [await pickUnusedPort({ portserverAddress: ${JSON.stringify(address)} })];
+try {
+  out.push(await pickUnusedPort({ range: [${port}, ${port}] }));
+} catch (error) {
+  out.push(error.name);
+}
+console.log(JSON.stringify(out));
+`);
+    assert.equal(result.code, 0, result.stderr);
+    assert.deepEqual(JSON.parse(result.stdout), [port, "NoFreePortFoundError"]);
+  } finally {
+    await server.stop();
+  }
+});
+
+test("Deno without --allow-net: picking rejects with an error naming --allow-net, no crash", async () => {
+  const dir = tempDir();
+  try {
+    const path = join(dir.path, "deno-no-net.mts");
+    writeFileSync(
+      path,
+      `
+import { isPortFree, pickUnusedPort } from ${JSON.stringify(MOD_URL)};
+for (const call of [() => isPortFree(27001), () => pickUnusedPort(), () => pickUnusedPort({ range: [27000, 27009] })]) {
+  try {
+    console.log("returned", await call());
+  } catch (error) {
+    console.log("rejected", error.message);
+  }
+}
+`,
+    );
+    // Both UDP paths: node:dgram (stable Deno) and Deno.listenDatagram.
+    for (const flags of [[], ["--unstable-net"]]) {
+      const result = await run([tool("deno"), "run", "--no-config", "--no-prompt", ...flags, path], {
+        env: { NO_COLOR: "1" },
+      });
+      const what = `deno run ${flags.join(" ")}: exit ${result.code}, ${result.stderr}`;
+      assert.equal(result.code, 0, what);
+      const lines = result.stdout.trim().split("\n");
+      assert.equal(lines.length, 3, what);
+      for (const line of lines) assert.match(line, /^rejected .*--allow-net/, what);
+      assert.match(lines[0], /\b27001\b/);
+    }
   } finally {
     dir.remove();
   }
