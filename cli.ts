@@ -264,6 +264,11 @@ async function spawnDetached(command: string, args: string[]): Promise<string> {
 /** The detached child of {@linkcode holdInChild}. */
 async function runHolder(args: string[]): Promise<void> {
   const seconds = Number(args[0]);
+  // The parent checked these ports and holds their claims in any lock
+  // directory; this process only keeps them bound.
+  // deno-lint-ignore no-explicit-any
+  const g = globalThis as any;
+  if (!g.Deno) delete g.process.env.PORTPICKER_LOCK_DIR;
   try {
     for (const text of args.slice(1)) {
       const port = Number(text);

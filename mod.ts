@@ -212,6 +212,16 @@ async function bindUdp(hostname: string, port: number): Promise<BoundSocket> {
       close: () => (conn.close(), CLOSED),
     };
   }
+  if (deno) {
+    // Deno's node:dgram reports a missing permission asynchronously, out of
+    // reach of any catch: ask first.
+    const host = `${hostname === "::" ? "[::]" : hostname}:${port}`;
+    if (deno.permissions.querySync({ name: "net", host }).state !== "granted") {
+      throw Object.assign(new Error(`Requires net access to "${host}"`), {
+        name: "NotCapable",
+      });
+    }
+  }
   const dgram = await loadDgram();
   return await new Promise((resolve, reject) => {
     const socket = dgram.createSocket({
@@ -428,6 +438,11 @@ const freePorts = new Set<number>();
 const ownedPorts = new Set<number>();
 /** Ports this process found itself and has not returned. */
 const randomPorts = new Set<number>();
+
+/** Whether this process was given `port` and has not returned it. */
+function given(port: number): boolean {
+  return randomPorts.has(port) || ownedPorts.has(port);
+}
 
 /**
  * Marks a port, acquired by other means, as free for this process: the next
@@ -767,7 +782,7 @@ async function pickOne(
 ): Promise<Held> {
   for (const port of p.preferred) {
     if (
-      !allowed(port, p, taken) || randomPorts.has(port) || ownedPorts.has(port)
+      !allowed(port, p, taken) || given(port)
     ) {
       continue;
     }
@@ -804,7 +819,7 @@ async function pickOne(
       const [first, second] = i % 2 === 0 ? UDP_FIRST : TCP_FIRST;
       const port = await bindEachFamily(first, 0);
       if (port === undefined) continue;
-      if (!allowed(port, p, taken) || randomPorts.has(port)) continue;
+      if (!allowed(port, p, taken) || given(port)) continue;
       if ((await bindEachFamily(second, port)) === undefined) continue;
       const held = await take(
         hold ? await claim(port, true) : { port, release: NOTHING_HELD },
@@ -818,7 +833,7 @@ async function pickOne(
   const [first, last] = p.range;
   const candidates: number[] = [];
   for (let port = first; port <= last; port++) {
-    if (allowed(port, p, taken) && !randomPorts.has(port)) {
+    if (allowed(port, p, taken) && !given(port)) {
       candidates.push(port);
     }
   }

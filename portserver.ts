@@ -88,10 +88,36 @@ export interface PortServer {
 // ---------------------------------------------------------------------------
 // The pool.
 
+/** Who holds ports: a process (pid and start time), or a lease (pid 0). */
 interface Owner {
+  key: string;
   pid: number;
   startTime: number;
   ports: Set<number>;
+}
+
+interface Allocation {
+  owner: Owner;
+  /** When it was handed out, in ms since the epoch. */
+  since: number;
+  label: string | undefined;
+}
+
+/** One allocation in the state file: port, pid, start time, since, label. */
+type SavedAllocation = [number, number, number, number?, string?];
+
+/** One allocation as the status request shows it. */
+export interface AllocationStatus {
+  /** The port. */
+  port: number;
+  /** The owner process, or null for a lease. */
+  pid: number | null;
+  /** Whether a lease (a connection kept open) holds it. */
+  lease: boolean;
+  /** When it was handed out, as an ISO 8601 time. */
+  since: string;
+  /** The label given with the request, or null. */
+  label: string | null;
 }
 
 /**
@@ -105,8 +131,8 @@ class Pool {
   /** Ports with no live owner, oldest first; `#queueHead` is the front. */
   #queue: number[];
   #queueHead = 0;
-  #owners = new Map<number, Owner>();
-  #ownerOf = new Map<number, Owner>();
+  #owners = new Map<string, Owner>();
+  #allocations = new Map<number, Allocation>();
 
   constructor(ports: number[]) {
     this.size = ports.length;
@@ -125,7 +151,7 @@ class Pool {
   }
 
   get allocated(): number {
-    return this.#ownerOf.size;
+    return this.#allocations.size;
   }
 
   /** Takes the next free port from the front of the queue. */
@@ -149,64 +175,109 @@ class Pool {
     return this.#queue.length - this.#queueHead;
   }
 
-  assign(port: number, pid: number, startTime: number): void {
-    let owner = this.#owners.get(pid);
+  /** The owner record of a live process; a reused pid drops the old one's. */
+  processOwner(pid: number, startTime: number): Owner {
+    const key = `pid:${pid}`;
+    let owner = this.#owners.get(key);
     if (owner && owner.startTime !== startTime) {
       // The pid was reused: the old owner is dead.
-      this.#release(owner);
+      this.releaseOwner(owner);
       owner = undefined;
     }
     if (!owner) {
-      owner = { pid, startTime, ports: new Set() };
-      this.#owners.set(pid, owner);
+      owner = { key, pid, startTime, ports: new Set() };
+      this.#owners.set(key, owner);
     }
-    owner.ports.add(port);
-    this.#ownerOf.set(port, owner);
+    return owner;
   }
 
-  /** Frees every port of every owner that has died: one look per owner. */
+  leaseOwner(id: number): Owner {
+    const owner = {
+      key: `lease:${id}`,
+      pid: 0,
+      startTime: 0,
+      ports: new Set<number>(),
+    };
+    this.#owners.set(owner.key, owner);
+    return owner;
+  }
+
+  assign(port: number, owner: Owner, label?: string, since = Date.now()): void {
+    owner.ports.add(port);
+    this.#allocations.set(port, { owner, since, label });
+  }
+
+  /** Frees one port, if `pid` holds it. */
+  releasePort(port: number, pid: number): boolean {
+    const allocation = this.#allocations.get(port);
+    if (!allocation || allocation.owner.pid !== pid || pid === 0) return false;
+    allocation.owner.ports.delete(port);
+    this.#allocations.delete(port);
+    this.push(port);
+    return true;
+  }
+
+  /** Frees every port of every process that has died: one look per owner. */
   sweep(): number {
     let freed = 0;
     for (const owner of [...this.#owners.values()]) {
+      // Leases end with their connection, not here.
+      if (owner.pid === 0) continue;
       if (processStartTime(owner.pid) !== owner.startTime) {
         freed += owner.ports.size;
-        this.#release(owner);
+        this.releaseOwner(owner);
       }
     }
     return freed;
   }
 
-  #release(owner: Owner): void {
-    this.#owners.delete(owner.pid);
+  releaseOwner(owner: Owner): void {
+    this.#owners.delete(owner.key);
     for (const port of owner.ports) {
-      this.#ownerOf.delete(port);
+      this.#allocations.delete(port);
       this.push(port);
     }
+    owner.ports.clear();
   }
 
-  /** The allocations, for the state file. */
-  allocations(): [port: number, pid: number, startTime: number][] {
-    const out: [number, number, number][] = [];
-    for (const owner of this.#owners.values()) {
-      for (const port of owner.ports) {
-        out.push([port, owner.pid, owner.startTime]);
-      }
+  /** The allocations of processes, for the state file (leases end with us). */
+  saved(): SavedAllocation[] {
+    const out: SavedAllocation[] = [];
+    for (const [port, { owner, since, label }] of this.#allocations) {
+      if (owner.pid === 0) continue;
+      out.push(
+        label === undefined
+          ? [port, owner.pid, owner.startTime, since]
+          : [port, owner.pid, owner.startTime, since, label],
+      );
     }
     return out;
   }
 
   /** Restores allocations of owners still alive; the rest stay free. */
-  restore(allocations: [number, number, number][]): number {
+  restore(allocations: SavedAllocation[]): number {
     const held = new Set<number>();
-    for (const [port, pid, startTime] of allocations) {
+    for (const [port, pid, startTime, since, label] of allocations) {
       if (!this.has(port) || held.has(port)) continue;
       if (processStartTime(pid) !== startTime) continue;
       held.add(port);
-      this.assign(port, pid, startTime);
+      this.assign(port, this.processOwner(pid, startTime), label, since);
     }
     this.#queue = this.#queue.filter((port) => !held.has(port));
     this.#queueHead = 0;
     return held.size;
+  }
+
+  status(): AllocationStatus[] {
+    return [...this.#allocations]
+      .sort(([a], [b]) => a - b)
+      .map(([port, { owner, since, label }]) => ({
+        port,
+        pid: owner.pid === 0 ? null : owner.pid,
+        lease: owner.pid === 0,
+        since: new Date(since).toISOString(),
+        label: label ?? null,
+      }));
   }
 }
 
@@ -261,14 +332,121 @@ function poolPorts(ranges: Iterable<readonly [number, number]>): number[] {
 // Requests.
 
 const MAX_REQUEST = 20;
+/** Extended requests (they start with a letter) may carry a label. */
+const MAX_EXTENDED_REQUEST = 1024;
 /** After data without a newline, how long to wait for more (Python takes the first chunk). */
 const REQUEST_IDLE_MS = 50;
+const MAX_COUNT = 1000;
 
 /** One client connection: its bytes in, at most one reply out. */
 interface Connection {
   write(text: string): Promise<void>;
   close(): void;
 }
+
+/**
+ * What to do with a request: write `reply` (nothing: close without a word),
+ * and for a lease, keep the connection open and call `onClose` when it ends.
+ */
+interface Answer {
+  reply?: string;
+  onClose?: () => void;
+}
+
+/** An extended request: a verb and `key=value` arguments, on one line. */
+export interface ExtendedRequest {
+  /** TAKE, LEASE, RETURN or STATUS. */
+  verb: "TAKE" | "LEASE" | "RETURN" | "STATUS";
+  /** The owner, for TAKE and RETURN. */
+  pid?: number;
+  /** How many ports, for TAKE and LEASE; default 1. */
+  count: number;
+  /** The ports to give back, for RETURN. */
+  ports: number[];
+  /** Stored with the allocation, for TAKE and LEASE. */
+  label?: string;
+}
+
+const VERBS: Record<ExtendedRequest["verb"], string[]> = {
+  TAKE: ["pid", "count", "label"],
+  LEASE: ["count", "label"],
+  RETURN: ["pid", "ports"],
+  STATUS: [],
+};
+
+/**
+ * Parses an extended request, as `TAKE pid=1234 count=3 label=web`. The
+ * Python server rejects every one of them (they are not a number), so its
+ * clients and ours can tell the two servers apart.
+ *
+ * @param text The request line.
+ * @returns The request, or an error message naming what is wrong.
+ *
+ * @example
+ * ```ts
+ * import { parseExtendedRequest } from "@x/portpicker/portserver";
+ *
+ * parseExtendedRequest("TAKE pid=1234 count=2\n"); // { verb: "TAKE", pid: 1234, count: 2, ports: [] }
+ * ```
+ */
+export function parseExtendedRequest(text: string): ExtendedRequest | string {
+  const line = text.replace(/\r?\n$/, "");
+  if (!/^[\x20-\x7e]*$/.test(line)) return "not one line of printable ASCII";
+  const [verb, ...args] = line.split(" ").filter((t) => t !== "");
+  if (!(verb in VERBS)) return `unknown request ${JSON.stringify(verb ?? "")}`;
+  const request: ExtendedRequest = {
+    verb: verb as ExtendedRequest["verb"],
+    count: 1,
+    ports: [],
+  };
+  const allowedKeys = VERBS[request.verb];
+  for (const arg of args) {
+    const eq = arg.indexOf("=");
+    const key = eq > 0 ? arg.slice(0, eq) : arg;
+    const value = arg.slice(eq + 1);
+    if (eq <= 0 || !allowedKeys.includes(key)) {
+      return `unexpected ${JSON.stringify(arg)} in ${verb}`;
+    }
+    if (key === "pid" || key === "count") {
+      if (!/^\d{1,10}$/.test(value)) {
+        return `invalid ${key} ${JSON.stringify(value)}`;
+      }
+      request[key] = Number(value);
+    } else if (key === "label") {
+      if (value.length === 0 || value.length > 100) {
+        return "a label has 1 to 100 characters";
+      }
+      request.label = value;
+    } else {
+      const ports = value.split(",");
+      if (
+        !ports.every((p) =>
+          /^\d{1,5}$/.test(p) && Number(p) >= 1 && Number(p) <= 65535
+        )
+      ) {
+        return `invalid ports ${JSON.stringify(value)}`;
+      }
+      request.ports = ports.map(Number);
+    }
+  }
+  if (
+    (request.verb === "TAKE" || request.verb === "RETURN") &&
+    request.pid === undefined
+  ) {
+    return `${verb} needs pid=`;
+  }
+  if (request.verb === "RETURN" && request.ports.length === 0) {
+    return "RETURN needs ports=";
+  }
+  if (request.count < 1 || request.count > MAX_COUNT) {
+    return `invalid count ${request.count}: expected 1 to ${MAX_COUNT}`;
+  }
+  return request;
+}
+
+const isLetter = (byte: number | undefined): boolean =>
+  byte !== undefined &&
+  ((byte >= 0x41 && byte <= 0x5a) || (byte >= 0x61 && byte <= 0x7a));
 
 /** The pid in a request, or undefined for one the Python server rejects. */
 export function parseRequest(bytes: Uint8Array): number | undefined {
@@ -315,6 +493,7 @@ class Server implements PortServer {
   #close: (() => Promise<void>) | undefined;
   #connections = new Set<Connection>();
   #stopped: Promise<void> | undefined;
+  #leases = 0;
 
   constructor(options: PortServerOptions, ports: number[]) {
     this.address = options.address ?? DEFAULT_ADDRESS;
@@ -402,8 +581,17 @@ class Server implements PortServer {
     this.warn(`Could not parse request: ${why}`);
   }
 
-  /** Answers one pid request: a port and a newline, or nothing. */
-  handle(bytes: Uint8Array): Promise<string | undefined> {
+  /** Answers one request; allocations run one at a time, in order. */
+  handle(bytes: Uint8Array): Promise<Answer> {
+    const answer = this.#queue.then(() =>
+      isLetter(bytes[0]) ? this.#extended(bytes) : this.#classic(bytes)
+    );
+    this.#queue = answer.catch(() => {});
+    return answer;
+  }
+
+  /** The Python protocol: a pid in, a port and a newline out, or nothing. */
+  async #classic(bytes: Uint8Array): Promise<Answer> {
     const pid = parseRequest(bytes);
     if (pid === undefined) {
       const shown = JSON.stringify(
@@ -414,43 +602,161 @@ class Server implements PortServer {
           ? `more than ${MAX_REQUEST} bytes`
           : `invalid pid ${shown}`,
       );
-      return Promise.resolve(undefined);
+      return {};
     }
-    const answer = this.#queue.then(() => this.#allocate(pid));
-    this.#queue = answer.catch(() => {});
-    return answer;
+    const ports = await this.#allocate(pid, 1, undefined);
+    return ports ? { reply: `${ports[0]}\n` } : {};
   }
 
-  async #allocate(pid: number): Promise<string | undefined> {
+  /** Extended requests: every answer is one line, so no answer means the Python server. */
+  async #extended(bytes: Uint8Array): Promise<Answer> {
+    const request = parseExtendedRequest(new TextDecoder().decode(bytes));
+    if (typeof request === "string") {
+      this.clientError(request);
+      return { reply: `ERR ${request}\n` };
+    }
+    if (this.#options.verbose) {
+      this.info(`Request ${new TextDecoder().decode(bytes).trim()}.`);
+    }
+    switch (request.verb) {
+      case "STATUS":
+        return { reply: `${JSON.stringify(this.status())}\n` };
+      case "TAKE": {
+        const ports = await this.#allocate(
+          request.pid!,
+          request.count,
+          request.label,
+        );
+        return {
+          reply: ports
+            ? `OK ${ports.join(" ")}\n`
+            : `ERR ${this.#lastDenial}\n`,
+        };
+      }
+      case "LEASE": {
+        const owner = this.#pool.leaseOwner(++this.#leases);
+        const ports = await this.#takePorts(request.count);
+        if (!ports) {
+          this.#pool.releaseOwner(owner);
+          return this.#deny("not enough free ports");
+        }
+        for (const port of ports) this.#pool.assign(port, owner, request.label);
+        this.#counters.totalAllocations += ports.length;
+        this.info(`Leased ports ${ports.join(", ")}.`);
+        return {
+          reply: `OK ${ports.join(" ")}\n`,
+          onClose: () => {
+            this.info(`Lease of ports ${[...owner.ports].join(", ")} ended.`);
+            this.#pool.releaseOwner(owner);
+          },
+        };
+      }
+      case "RETURN": {
+        const freed: number[] = [];
+        const refused: number[] = [];
+        for (const port of request.ports) {
+          (this.#pool.releasePort(port, request.pid!) ? freed : refused).push(
+            port,
+          );
+        }
+        if (freed.length) {
+          this.info(`Pid ${request.pid} returned ports ${freed.join(", ")}.`);
+          await this.#save();
+        }
+        return {
+          reply: refused.length
+            ? `ERR not held by pid ${request.pid}: ${refused.join(" ")}\n`
+            : `OK ${freed.join(" ")}\n`,
+        };
+      }
+    }
+  }
+
+  #lastDenial = "";
+
+  #deny(why: string): Answer {
+    this.#counters.deniedAllocations++;
+    this.#lastDenial = why;
+    this.info(`Denied: ${why}.`);
+    return { reply: `ERR ${why}\n` };
+  }
+
+  async #save(): Promise<void> {
+    if (this.#state) await this.#state.save(this.#pool.saved());
+  }
+
+  /** The allocations, as the STATUS request answers. */
+  status(): {
+    address: string;
+    pool: number;
+    allocated: number;
+    allocations: AllocationStatus[];
+  } {
+    return {
+      address: this.address,
+      pool: this.#pool.size,
+      allocated: this.#pool.allocated,
+      allocations: this.#pool.status(),
+    };
+  }
+
+  /** `count` ports for a live `pid`, all or none. */
+  async #allocate(
+    pid: number,
+    count: number,
+    label: string | undefined,
+  ): Promise<number[] | undefined> {
     const verbose = this.#options.verbose;
     if (verbose) this.info(`Request on behalf of pid ${pid}.`);
     const startTime = pid > 1 ? processStartTime(pid) : 0;
     if (pid <= 0 || pid === 1 || startTime === 0) {
-      this.#counters.deniedAllocations++;
-      this.info(
+      this.#deny(
         pid <= 0
-          ? `Not allocating a port to invalid pid ${pid}.`
+          ? `not allocating a port to invalid pid ${pid}`
           : pid === 1
-          ? "Not allocating a port to init."
-          : `Not allocating a port to a non-existent process ${pid}.`,
+          ? "not allocating a port to init"
+          : `not allocating a port to a non-existent process ${pid}`,
       );
       return undefined;
     }
-    const port = await this.#takePort();
-    if (port === undefined) {
-      this.#counters.deniedAllocations++;
-      this.info("All ports in use.");
+    const ports = await this.#takePorts(count);
+    if (!ports) {
+      this.#deny(
+        count === 1 ? "all ports in use" : `fewer than ${count} ports free`,
+      );
       return undefined;
     }
-    this.#pool.assign(port, pid, startTime);
-    this.#counters.totalAllocations++;
-    if (this.#state) await this.#state.save(this.#pool.allocations());
-    if (verbose) this.info(`Allocated port ${port} to pid ${pid}.`);
-    return `${port}\n`;
+    const owner = this.#pool.processOwner(pid, startTime);
+    for (const port of ports) this.#pool.assign(port, owner, label);
+    this.#counters.totalAllocations += ports.length;
+    await this.#save();
+    if (verbose) {
+      this.info(`Allocated ports ${ports.join(", ")} to pid ${pid}.`);
+    }
+    return ports;
   }
 
-  /** The next free port of the queue; when it runs dry, reclaim dead owners once. */
-  async #takePort(): Promise<number | undefined> {
+  /** `count` free ports, or none (those found go back to the queue). */
+  async #takePorts(count: number): Promise<number[] | undefined> {
+    const ports: number[] = [];
+    let checked = 0;
+    while (ports.length < count) {
+      const [port, n] = await this.#takePort();
+      checked += n;
+      if (port === undefined) break;
+      ports.push(port);
+    }
+    this.#counters.numPortsCheckedForLastRequest = checked;
+    if (ports.length === count) return ports;
+    for (const port of ports) this.#pool.push(port);
+    return undefined;
+  }
+
+  /**
+   * The next free port of the queue; when it runs dry, reclaim dead owners
+   * once. Returns the port (or undefined) and how many ports were examined.
+   */
+  async #takePort(): Promise<[number | undefined, number]> {
     let checked = 0;
     let swept = false;
     let budget = this.#pool.queued;
@@ -465,15 +771,11 @@ class Server implements PortServer {
       budget--;
       const port = this.#pool.shift()!;
       checked++;
-      if (await isPortFree(port)) {
-        this.#counters.numPortsCheckedForLastRequest = checked;
-        return port;
-      }
+      if (await isPortFree(port)) return [port, checked];
       this.info(`Port ${port} unexpectedly in use.`);
       this.#pool.push(port);
     }
-    this.#counters.numPortsCheckedForLastRequest = checked;
-    return undefined;
+    return [undefined, checked];
   }
 
   stop(): Promise<void> {
@@ -495,6 +797,8 @@ class Session {
   #done = false;
   #deadline: ReturnType<typeof setTimeout>;
   #idle: ReturnType<typeof setTimeout> | undefined;
+  /** Set while a lease keeps the connection open. */
+  #onClose: (() => void) | undefined;
 
   constructor(server: Server, connection: Connection, timeoutMs: number) {
     this.#server = server;
@@ -511,17 +815,27 @@ class Session {
     this.#chunks.push(chunk);
     this.#size += chunk.length;
     clearTimeout(this.#idle);
-    if (this.#size > MAX_REQUEST || chunk.includes(10)) return this.#answer();
+    const limit = isLetter(this.#chunks[0][0])
+      ? MAX_EXTENDED_REQUEST
+      : MAX_REQUEST;
+    if (this.#size > limit || chunk.includes(10)) return this.#answer();
     this.#idle = setTimeout(() => this.#answer(), REQUEST_IDLE_MS);
   }
 
   end(): void {
     if (!this.#done) this.#answer();
+    else this.#hangUp();
   }
 
-  /** The client went away: nothing to answer. */
+  /** The client went away: nothing to answer, and a lease ends. */
   gone(): void {
     if (!this.#done) this.#finish();
+    else this.#hangUp();
+  }
+
+  #hangUp(): void {
+    this.#clientGone = true;
+    if (this.#onClose) this.#finish();
   }
 
   #answer(): void {
@@ -535,11 +849,17 @@ class Session {
     clearTimeout(this.#deadline);
     clearTimeout(this.#idle);
     this.#server.handle(bytes).then(
-      async (reply) => {
+      async ({ reply, onClose }) => {
         if (reply !== undefined) {
           await this.#connection.write(reply).catch(() => {});
         }
-        this.#finish();
+        // A lease lasts as long as the client keeps the connection open.
+        if (onClose && !this.#clientGone && !this.#closed) {
+          this.#onClose = onClose;
+        } else {
+          onClose?.();
+          this.#finish();
+        }
       },
       (error) => {
         this.#server.warn(`Request failed: ${(error as Error).message}`);
@@ -548,10 +868,17 @@ class Session {
     );
   }
 
+  #closed = false;
+  #clientGone = false;
+
   #finish(): void {
     this.#done = true;
+    this.#closed = true;
     clearTimeout(this.#deadline);
     clearTimeout(this.#idle);
+    const onClose = this.#onClose;
+    this.#onClose = undefined;
+    onClose?.();
     this.#connection.close();
     this.#server.forget(this.#connection);
   }
@@ -716,14 +1043,14 @@ async function serveDenoConnection(
 
 interface StateData {
   version: 1;
-  allocations: [number, number, number][];
+  allocations: SavedAllocation[];
 }
 
 class StateFile {
   #path: string;
   #server: Server;
   #writing: Promise<void> = Promise.resolve();
-  #pending: [number, number, number][] | undefined;
+  #pending: SavedAllocation[] | undefined;
   #waiting: Promise<void> | undefined;
 
   constructor(path: string, server: Server) {
@@ -731,7 +1058,7 @@ class StateFile {
     this.#server = server;
   }
 
-  async load(): Promise<[number, number, number][]> {
+  async load(): Promise<SavedAllocation[]> {
     let text: string;
     try {
       text = await fs.promises.readFile(this.#path, "utf8");
@@ -746,8 +1073,9 @@ class StateFile {
       if (
         data?.version !== 1 || !Array.isArray(data.allocations) ||
         !data.allocations.every((a) =>
-          Array.isArray(a) && a.length === 3 &&
-          a.every((n) => Number.isInteger(n))
+          Array.isArray(a) && a.length >= 3 && a.length <= 5 &&
+          a.slice(0, 4).every((n) => Number.isInteger(n)) &&
+          (a[4] === undefined || typeof a[4] === "string")
         )
       ) {
         throw new Error("not a port server state file");
@@ -769,7 +1097,7 @@ class StateFile {
    * Writes the allocations (to a temporary file, then renamed over the old
    * one). Requests that arrive while a write runs share the next write.
    */
-  save(allocations: [number, number, number][]): Promise<void> {
+  save(allocations: SavedAllocation[]): Promise<void> {
     this.#pending = allocations;
     return this.#waiting ??= this.#writing.then(async () => {
       this.#waiting = undefined;

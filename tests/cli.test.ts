@@ -18,8 +18,8 @@ import {
   type Proc,
   ROOT,
   run,
-  type RunResult,
   runCli,
+  type RunResult,
   runtimeCommand,
   sleep,
   start,
@@ -29,21 +29,26 @@ import {
   uniqueName,
 } from "./helpers.ts";
 
-const VERSION: string = JSON.parse(readFileSync(join(ROOT, "deno.json"), "utf8")).version;
+const VERSION: string =
+  JSON.parse(readFileSync(join(ROOT, "deno.json"), "utf8")).version;
 
 /** The ports printed one a line, checking the output's shape. */
 function printedPorts(result: RunResult, count: number): number[] {
   assert.equal(result.code, 0, `exit ${result.code}: ${result.stderr}`);
   assert.match(result.stdout, new RegExp(`^(\\d+\\n){${count}}$`));
   const ports = result.stdout.trim().split("\n").map(Number);
-  for (const port of ports) assert.ok(port >= 1 && port <= 65535, `bad port ${port}`);
+  for (const port of ports) {
+    assert.ok(port >= 1 && port <= 65535, `bad port ${port}`);
+  }
   assert.equal(new Set(ports).size, count, `not distinct: ${ports}`);
   return ports;
 }
 
 /** The pids a Python port server was asked for, from its log. */
 function requestedPids(server: Proc): number[] {
-  return [...server.stderr().matchAll(/Request on behalf of pid (\d+)/g)].map((m) => Number(m[1]));
+  return [...server.stderr().matchAll(/Request on behalf of pid (\d+)/g)].map((
+    m,
+  ) => Number(m[1]));
 }
 
 function inRange(port: number, range: readonly [number, number]): boolean {
@@ -53,18 +58,31 @@ function inRange(port: number, range: readonly [number, number]): boolean {
 /** Asserts a usage error: exit 2, one line on stderr, no stack trace, nothing on stdout. */
 function assertUsageError(result: RunResult, args: string[]): void {
   const what = JSON.stringify(args);
-  assert.equal(result.code, 2, `${what}: exit ${result.code}; ${result.stderr}`);
+  assert.equal(
+    result.code,
+    2,
+    `${what}: exit ${result.code}; ${result.stderr}`,
+  );
   assert.equal(result.stdout, "", what);
-  assert.match(result.stderr, /^portpicker: [^\n]+\n$/, `${what}: ${result.stderr}`);
+  assert.match(
+    result.stderr,
+    /^portpicker: [^\n]+\n$/,
+    `${what}: ${result.stderr}`,
+  );
   assert.doesNotMatch(result.stderr, /^\s+at /m, what);
 }
 
 /** Resolves with the exit code once `proc` ends (fails after `timeoutMs`). */
 function exited(proc: Proc, timeoutMs: number): Promise<number | null> {
   const child = proc.child;
-  if (child.exitCode !== null || child.signalCode !== null) return Promise.resolve(child.exitCode);
+  if (child.exitCode !== null || child.signalCode !== null) {
+    return Promise.resolve(child.exitCode);
+  }
   return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`still running after ${timeoutMs} ms`)), timeoutMs);
+    const timer = setTimeout(
+      () => reject(new Error(`still running after ${timeoutMs} ms`)),
+      timeoutMs,
+    );
     child.once("exit", (code) => {
       clearTimeout(timer);
       resolve(code);
@@ -99,23 +117,44 @@ async function becomesFree(port: number, timeoutMs: number): Promise<boolean> {
  * meanwhile, and is free again a little after `seconds`.
  */
 async function checkHold(command: string[], seconds: number): Promise<void> {
-  const proc = start([...command, String(process.pid), String(seconds)], { PORTSERVER_ADDRESS: undefined });
+  const proc = start([...command, String(process.pid), String(seconds)], {
+    PORTSERVER_ADDRESS: undefined,
+  });
   try {
     await proc.waitFor(/^\d+\n/, 15_000);
     const printed = Date.now();
     assert.equal(await exited(proc, 5_000), 0, proc.stderr());
-    assert.ok(Date.now() - printed < 1_000, `exited ${Date.now() - printed} ms after printing`);
+    assert.ok(
+      Date.now() - printed < 1_000,
+      `exited ${Date.now() - printed} ms after printing`,
+    );
     assert.match(proc.stdout(), /^\d+\n$/);
     const port = Number(proc.stdout());
-    assert.equal(await isPortFree(port), false, "the port is not held after the command returned");
+    assert.equal(
+      await isPortFree(port),
+      false,
+      "the port is not held after the command returned",
+    );
     assert.equal(await tcpConnects(port), true, "nothing listens on the port");
     for (const kind of HOLD_KINDS) {
-      assert.equal(await canBindWithPython(kind, port), false, `a ${kind} socket could bind ${port}`);
+      assert.equal(
+        await canBindWithPython(kind, port),
+        false,
+        `a ${kind} socket could bind ${port}`,
+      );
     }
     await sleep(Math.max(0, printed + seconds * 500 - Date.now()));
-    assert.equal(await isPortFree(port), false, "the port was let go before half the time");
+    assert.equal(
+      await isPortFree(port),
+      false,
+      "the port was let go before half the time",
+    );
     await sleep(Math.max(0, printed + seconds * 1000 + 300 - Date.now()));
-    assert.equal(await becomesFree(port, 2_000), true, `port ${port} still held after ${seconds} s`);
+    assert.equal(
+      await becomesFree(port, 2_000),
+      true,
+      `port ${port} still held after ${seconds} s`,
+    );
   } finally {
     await proc.stop("SIGKILL");
   }
@@ -133,7 +172,10 @@ test("the pid argument is told to the port server", async () => {
   try {
     // Any live process other than the test: the server itself.
     const pid = server.child.pid!;
-    const [port] = printedPorts(await runCli([String(pid)], { env: { PORTSERVER_ADDRESS: address } }), 1);
+    const [port] = printedPorts(
+      await runCli([String(pid)], { env: { PORTSERVER_ADDRESS: address } }),
+      1,
+    );
     assert.ok(inRange(port, pool), `${port} not from the pool ${pool}`);
     assert.deepEqual(requestedPids(server), [pid]);
   } finally {
@@ -146,7 +188,10 @@ test("without a pid, the port server is told the parent's pid", async () => {
   const pool = await freeRange(3);
   const server = await startPythonPortserver(address, `${pool[0]}-${pool[1]}`);
   try {
-    const [port] = printedPorts(await runCli([], { env: { PORTSERVER_ADDRESS: address } }), 1);
+    const [port] = printedPorts(
+      await runCli([], { env: { PORTSERVER_ADDRESS: address } }),
+      1,
+    );
     assert.ok(inRange(port, pool), `${port} not from the pool ${pool}`);
     assert.deepEqual(requestedPids(server), [process.pid]);
   } finally {
@@ -159,8 +204,13 @@ test("--portserver ADDRESS gets the port from that server's pool", async () => {
   const pool = await freeRange(3);
   const server = await startPythonPortserver(address, `${pool[0]}-${pool[1]}`);
   try {
-    const ports = printedPorts(await runCli(["--portserver", address, "-n", "2"]), 2);
-    for (const port of ports) assert.ok(inRange(port, pool), `${port} not from the pool ${pool}`);
+    const ports = printedPorts(
+      await runCli(["--portserver", address, "-n", "2"]),
+      2,
+    );
+    for (const port of ports) {
+      assert.ok(inRange(port, pool), `${port} not from the pool ${pool}`);
+    }
     assert.deepEqual(requestedPids(server), [process.pid, process.pid]);
   } finally {
     await server.stop();
@@ -174,9 +224,14 @@ test("an empty PORTSERVER_ADDRESS asks no server and says nothing", async () => 
 });
 
 test("with no server at PORTSERVER_ADDRESS, prints a port and the Python client's message", async () => {
-  const result = await runCli([], { env: { PORTSERVER_ADDRESS: uniqueName("cli-nobody") } });
+  const result = await runCli([], {
+    env: { PORTSERVER_ADDRESS: uniqueName("cli-nobody") },
+  });
   printedPorts(result, 1);
-  assert.match(result.stderr, /^Socket error when connecting to portserver: [^\n]+\n$/);
+  assert.match(
+    result.stderr,
+    /^Socket error when connecting to portserver: [^\n]+\n$/,
+  );
 });
 
 test("-n 3 and --count 3 print 3 distinct ports", async () => {
@@ -187,7 +242,10 @@ test("-n 3 and --count 3 print 3 distinct ports", async () => {
 
 test("--range A-B prints ports within A-B", async () => {
   const range = await freeRange(5);
-  const ports = printedPorts(await runCli(["--range", `${range[0]}-${range[1]}`, "-n", "5"]), 5);
+  const ports = printedPorts(
+    await runCli(["--range", `${range[0]}-${range[1]}`, "-n", "5"]),
+    5,
+  );
   assert.deepEqual(new Set(ports), new Set(portsOf(range)));
 });
 
@@ -195,12 +253,21 @@ test("--exclude ports are never printed", async () => {
   const range = await freeRange(4);
   const [a, b, c, d] = portsOf(range);
   const spec = `${a}-${d}`;
-  assert.deepEqual(printedPorts(await runCli(["--range", spec, "--exclude", `${a},${c},${d}`]), 1), [b]);
-  const ports = printedPorts(await runCli(["--range", spec, "--exclude", `${b}`, "-n", "3"]), 3);
+  assert.deepEqual(
+    printedPorts(
+      await runCli(["--range", spec, "--exclude", `${a},${c},${d}`]),
+      1,
+    ),
+    [b],
+  );
+  const ports = printedPorts(
+    await runCli(["--range", spec, "--exclude", `${b}`, "-n", "3"]),
+    3,
+  );
   assert.deepEqual(new Set(ports), new Set([a, c, d]));
 });
 
-test("--json prints {\"ports\":[...]}", async () => {
+test('--json prints {"ports":[...]}', async () => {
   const result = await runCli(["--json", "-n", "2"]);
   assert.equal(result.code, 0, result.stderr);
   assert.match(result.stdout, /\n$/);
@@ -272,14 +339,30 @@ test("hold_seconds: returns at once, the port listens meanwhile, then is free", 
   await checkHold(runtimeCommand("cli.ts"), 2);
 });
 
+test("hold_seconds works with PORTPICKER_LOCK_DIR set", async () => {
+  const dir = tempDir();
+  try {
+    const result = await runCli([String(process.pid), "1"], {
+      env: { PORTPICKER_LOCK_DIR: dir.path },
+    });
+    const [port] = printedPorts(result, 1);
+    assert.equal(await isPortFree(port), false, "the port is not held");
+  } finally {
+    dir.remove();
+  }
+});
+
 test("$(portpicker $$ 3) does not wait for the holding process", async () => {
   const quote = (s: string) => `'${s.replaceAll("'", `'\\''`)}'`;
   const cli = runtimeCommand("cli.ts").map(quote).join(" ");
   const started = Date.now();
-  const result = await run(["bash", "-c", `p=$(${cli} "$$" 3); echo "got $p"`], {
-    env: { PORTSERVER_ADDRESS: undefined },
-    timeoutMs: 10_000,
-  });
+  const result = await run(
+    ["bash", "-c", `p=$(${cli} "$$" 3); echo "got $p"`],
+    {
+      env: { PORTSERVER_ADDRESS: undefined },
+      timeoutMs: 10_000,
+    },
+  );
   const took = Date.now() - started;
   assert.equal(result.code, 0, result.stderr);
   assert.match(result.stdout, /^got \d+\n$/);
@@ -296,12 +379,26 @@ let binary: Promise<string> | undefined;
 function compiled(): Promise<string> {
   return binary ??= (async () => {
     const dir = tempDir("portpicker-bin-");
-    process.on("exit", () => rmSync(dir.path, { recursive: true, force: true }));
+    process.on(
+      "exit",
+      () => rmSync(dir.path, { recursive: true, force: true }),
+    );
     const out = join(dir.path, "portpicker");
-    const result = await run([tool("bun"), "build", "--compile", join(ROOT, "cli.ts"), "--outfile", out], {
+    const result = await run([
+      tool("bun"),
+      "build",
+      "--compile",
+      join(ROOT, "cli.ts"),
+      "--outfile",
+      out,
+    ], {
       timeoutMs: 120_000,
     });
-    assert.equal(result.code, 0, `bun build --compile failed: ${result.stderr}${result.stdout}`);
+    assert.equal(
+      result.code,
+      0,
+      `bun build --compile failed: ${result.stderr}${result.stdout}`,
+    );
     return out;
   })();
 }
@@ -312,7 +409,9 @@ test("compiled binary: prints one port, exit 0", async () => {
 });
 
 test("compiled binary: -n 2 --json", async () => {
-  const result = await run([await compiled(), "-n", "2", "--json"], { env: { PORTSERVER_ADDRESS: undefined } });
+  const result = await run([await compiled(), "-n", "2", "--json"], {
+    env: { PORTSERVER_ADDRESS: undefined },
+  });
   assert.equal(result.code, 0, result.stderr);
   const { ports } = JSON.parse(result.stdout);
   assert.equal(ports.length, 2);
@@ -343,9 +442,18 @@ test("compiled binary: the pid argument is told to the port server", async () =>
   try {
     const bin = await compiled();
     const pid = server.child.pid!;
-    const [a] = printedPorts(await run([bin, String(pid)], { env: { PORTSERVER_ADDRESS: address } }), 1);
-    const [b] = printedPorts(await run([bin], { env: { PORTSERVER_ADDRESS: address } }), 1);
-    assert.ok(inRange(a, pool) && inRange(b, pool), `${a}, ${b} not from the pool ${pool}`);
+    const [a] = printedPorts(
+      await run([bin, String(pid)], { env: { PORTSERVER_ADDRESS: address } }),
+      1,
+    );
+    const [b] = printedPorts(
+      await run([bin], { env: { PORTSERVER_ADDRESS: address } }),
+      1,
+    );
+    assert.ok(
+      inRange(a, pool) && inRange(b, pool),
+      `${a}, ${b} not from the pool ${pool}`,
+    );
     assert.deepEqual(requestedPids(server), [pid, process.pid]);
   } finally {
     await server.stop();

@@ -17,7 +17,11 @@ const g = globalThis as any;
 export const ROOT: string = join(dirname(fileURLToPath(import.meta.url)), "..");
 
 /** Which runtime runs this test. */
-export const RUNTIME: "deno" | "bun" | "node" = g.Deno ? "deno" : g.Bun ? "bun" : "node";
+export const RUNTIME: "deno" | "bun" | "node" = g.Deno
+  ? "deno"
+  : g.Bun
+  ? "bun"
+  : "node";
 
 /** Debian's Python port server and client: the peer the tests need. */
 export const PYTHON_PORTSERVER = "/usr/bin/portserver";
@@ -43,7 +47,9 @@ export function tool(name: string): string {
 export function runtimeCommand(script: string): string[] {
   const path = join(ROOT, script);
   if (RUNTIME === "deno") {
-    const unstable = process.env.PORTPICKER_TEST_NO_UNSTABLE ? [] : ["--unstable-net"];
+    const unstable = process.env.PORTPICKER_TEST_NO_UNSTABLE
+      ? []
+      : ["--unstable-net"];
     return [g.Deno.execPath(), "run", "-A", "--no-config", ...unstable, path];
   }
   return [process.execPath, path];
@@ -60,7 +66,11 @@ export interface RunResult {
 /** Runs a command to its end (killed after `timeoutMs`). */
 export function run(
   command: string[],
-  options: { env?: Record<string, string | undefined>; timeoutMs?: number; input?: string } = {},
+  options: {
+    env?: Record<string, string | undefined>;
+    timeoutMs?: number;
+    input?: string;
+  } = {},
 ): Promise<RunResult> {
   return new Promise((resolve, reject) => {
     const child = spawn(command[0], command.slice(1), {
@@ -71,7 +81,10 @@ export function run(
     let stderr = "";
     child.stdout!.on("data", (c) => stdout += c);
     child.stderr!.on("data", (c) => stderr += c);
-    const timer = setTimeout(() => child.kill("SIGKILL"), options.timeoutMs ?? 60_000);
+    const timer = setTimeout(
+      () => child.kill("SIGKILL"),
+      options.timeoutMs ?? 60_000,
+    );
     child.on("error", (e) => {
       clearTimeout(timer);
       reject(e);
@@ -87,7 +100,8 @@ export function run(
 /** Runs this repo's CLI on the runtime running the test. */
 export function runCli(
   args: string[],
-  options: { env?: Record<string, string | undefined>; timeoutMs?: number } = {},
+  options: { env?: Record<string, string | undefined>; timeoutMs?: number } =
+    {},
 ): Promise<RunResult> {
   return run([...runtimeCommand("cli.ts"), ...args], {
     ...options,
@@ -109,7 +123,10 @@ export interface Proc {
 }
 
 /** Starts a process that outlives this call. */
-export function start(command: string[], env: Record<string, string | undefined> = {}): Proc {
+export function start(
+  command: string[],
+  env: Record<string, string | undefined> = {},
+): Proc {
   const child = spawn(command[0], command.slice(1), {
     env: { ...process.env, ...env } as Record<string, string>,
     stdio: ["pipe", "pipe", "pipe"],
@@ -160,7 +177,9 @@ export function start(command: string[], env: Record<string, string | undefined>
       });
     },
     async stop(signal = "SIGTERM") {
-      if (child.exitCode === null && child.signalCode === null) child.kill(signal);
+      if (child.exitCode === null && child.signalCode === null) {
+        child.kill(signal);
+      }
       return await exited;
     },
   };
@@ -230,7 +249,10 @@ export function uniqueName(prefix: string): string {
 }
 
 /** Starts Debian's Python port server on `address` with `pool`. */
-export async function startPythonPortserver(address: string, pool: string): Promise<Proc> {
+export async function startPythonPortserver(
+  address: string,
+  pool: string,
+): Promise<Proc> {
   requirePython();
   const proc = start([
     PYTHON,
@@ -251,7 +273,9 @@ export function sleep(ms: number): Promise<void> {
 export const MOD_URL: string = pathToFileURL(join(ROOT, "mod.ts")).href;
 
 /** Makes a fresh temporary folder; `remove()` deletes it and what it holds. */
-export function tempDir(prefix = "portpicker-test-"): { path: string; remove(): void } {
+export function tempDir(
+  prefix = "portpicker-test-",
+): { path: string; remove(): void } {
   const path = mkdtempSync(join(tmpdir(), prefix));
   return { path, remove: () => rmSync(path, { recursive: true, force: true }) };
 }
@@ -259,7 +283,9 @@ export function tempDir(prefix = "portpicker-test-"): { path: string; remove(): 
 /** The command that runs a script at an absolute path on the runtime running the test. */
 export function scriptCommand(path: string): string[] {
   if (RUNTIME === "deno") {
-    const unstable = process.env.PORTPICKER_TEST_NO_UNSTABLE ? [] : ["--unstable-net"];
+    const unstable = process.env.PORTPICKER_TEST_NO_UNSTABLE
+      ? []
+      : ["--unstable-net"];
     return [g.Deno.execPath(), "run", "-A", "--no-config", ...unstable, path];
   }
   return [process.execPath, path];
@@ -323,7 +349,9 @@ export function portsOf(range: readonly [number, number]): number[] {
  * from a Python process, then lets go. Resolves to null when all four binds
  * succeeded, else to the error Python reported.
  */
-export async function bindAllFamiliesWithPython(port: number): Promise<string | null> {
+export async function bindAllFamiliesWithPython(
+  port: number,
+): Promise<string | null> {
   const script = `
 import socket, sys
 port = int(sys.argv[1])
@@ -344,14 +372,19 @@ except OSError as e:
 print("ok")
 `;
   const result = await run([PYTHON, "-c", script, String(port)]);
-  return result.code === 0 && result.stdout === "ok\n" ? null : result.stdout + result.stderr;
+  return result.code === 0 && result.stdout === "ok\n"
+    ? null
+    : result.stdout + result.stderr;
 }
 
 /**
  * Whether a Python process can bind `port` with one socket of `kind` (TCP
  * sockets also listen); the socket is closed at once.
  */
-export async function canBindWithPython(kind: HoldKind, port: number): Promise<boolean> {
+export async function canBindWithPython(
+  kind: HoldKind,
+  port: number,
+): Promise<boolean> {
   const script = `
 import socket, sys
 kind, port = sys.argv[1], int(sys.argv[2])
@@ -372,8 +405,16 @@ print("bound")
   const result = await run([PYTHON, "-c", script, kind, String(port)]);
   if (result.code === 0 && result.stdout === "bound\n") return true;
   if (result.code === 3) return false;
-  throw new Error(`python bind check failed: exit ${result.code} ${result.stderr}`);
+  throw new Error(
+    `python bind check failed: exit ${result.code} ${result.stderr}`,
+  );
 }
 
 /** The kinds of socket of {@linkcode HoldKind}, all of them. */
-export const HOLD_KINDS: readonly HoldKind[] = ["tcp4", "tcp6only", "udp4", "udp6only", "dual"];
+export const HOLD_KINDS: readonly HoldKind[] = [
+  "tcp4",
+  "tcp6only",
+  "udp4",
+  "udp6only",
+  "dual",
+];

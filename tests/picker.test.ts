@@ -53,8 +53,15 @@ async function thrown(body: () => unknown): Promise<unknown> {
 }
 
 /** Asserts `error` is a NoFreePortFoundError for `range` after `tried` ports. */
-function assertNoFreePort(error: unknown, range: [number, number], tried: number): void {
-  assert.ok(error instanceof NoFreePortFoundError, `not a NoFreePortFoundError: ${error}`);
+function assertNoFreePort(
+  error: unknown,
+  range: [number, number],
+  tried: number,
+): void {
+  assert.ok(
+    error instanceof NoFreePortFoundError,
+    `not a NoFreePortFoundError: ${error}`,
+  );
   assert.deepEqual([...error.range], range);
   assert.equal(error.tried, tried);
   assert.match(error.message, new RegExp(`\\b${range[0]}-${range[1]}\\b`));
@@ -64,7 +71,10 @@ function assertNoFreePort(error: unknown, range: [number, number], tried: number
 test("a picked port binds on TCP and UDP, IPv4 and IPv6", async () => {
   for (let i = 0; i < 3; i++) {
     const port = await pickUnusedPort();
-    assert.ok(Number.isInteger(port) && port >= 1 && port <= 65535, `bad port ${port}`);
+    assert.ok(
+      Number.isInteger(port) && port >= 1 && port <= 65535,
+      `bad port ${port}`,
+    );
     await bindAllFamilies(port);
     returnPort(port);
   }
@@ -148,7 +158,11 @@ test("a reserved port outside the range is kept for a later pick", async () => {
 test("a locally picked port, returned, may be picked again", async () => {
   const [port] = await freeRange(1);
   assert.equal(await pickUnusedPort({ range: [port, port] }), port);
-  assertNoFreePort(await thrown(() => pickUnusedPort({ range: [port, port] })), [port, port], 0);
+  assertNoFreePort(
+    await thrown(() => pickUnusedPort({ range: [port, port] })),
+    [port, port],
+    0,
+  );
   returnPort(port);
   assert.equal(await pickUnusedPort({ range: [port, port] }), port);
   returnPort(port);
@@ -168,7 +182,11 @@ test("returning a port never given does not make it free for this process", asyn
 /** Asserts no socket of any kind can bind `port` now. */
 async function assertHeldEverywhere(port: number): Promise<void> {
   for (const kind of HOLD_KINDS) {
-    assert.equal(await canBindWithPython(kind, port), false, `a ${kind} socket could bind ${port}`);
+    assert.equal(
+      await canBindWithPython(kind, port),
+      false,
+      `a ${kind} socket could bind ${port}`,
+    );
   }
 }
 
@@ -198,7 +216,11 @@ test("reservePort in a range holds a port of the range", async () => {
   assert.equal(await isPortFree(reservation.port), true);
   // Released, it stays given to this process until returned.
   const only: [number, number] = [reservation.port, reservation.port];
-  assertNoFreePort(await thrown(() => pickUnusedPort({ range: only })), only, 0);
+  assertNoFreePort(
+    await thrown(() => pickUnusedPort({ range: only })),
+    only,
+    0,
+  );
   returnPort(reservation.port);
   assert.equal(await pickUnusedPort({ range: only }), reservation.port);
   returnPort(reservation.port);
@@ -236,7 +258,9 @@ test("pickUnusedPorts returns count distinct ports, free once it returns", async
   const ports = await pickUnusedPorts(8);
   assert.equal(ports.length, 8);
   assert.equal(new Set(ports).size, 8);
-  for (const port of ports) assert.equal(await isPortFree(port), true, `${port} still held`);
+  for (const port of ports) {
+    assert.equal(await isPortFree(port), true, `${port} still held`);
+  }
   for (const port of ports) returnPort(port);
 });
 
@@ -280,10 +304,17 @@ test("excluded ports are never returned", async () => {
   const range = await freeRange(3);
   const exclude = [range[0], range[1]];
   assert.equal(await pickUnusedPort({ range, exclude }), range[0] + 1);
-  assertNoFreePort(await thrown(() => pickUnusedPort({ range, exclude })), range, 0);
+  assertNoFreePort(
+    await thrown(() => pickUnusedPort({ range, exclude })),
+    range,
+    0,
+  );
   // Excluding beats preferring.
   returnPort(range[0] + 1);
-  assert.equal(await pickUnusedPort({ ports: [range[0]], range, exclude }), range[0] + 1);
+  assert.equal(
+    await pickUnusedPort({ ports: [range[0]], range, exclude }),
+    range[0] + 1,
+  );
   returnPort(range[0] + 1);
 });
 
@@ -296,7 +327,10 @@ async function assertInvalid(
   const error = await thrown(body);
   assert.ok(error instanceof type, `expected ${type.name}, got ${error}`);
   const escaped = value.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
-  assert.match((error as Error).message, new RegExp(`(^|[^\\d.])${escaped}($|[^\\d.])`));
+  assert.match(
+    (error as Error).message,
+    new RegExp(`(^|[^\\d.])${escaped}($|[^\\d.])`),
+  );
 }
 
 test("invalid ports throw TypeError or RangeError naming the value", async () => {
@@ -315,8 +349,16 @@ test("invalid ports throw TypeError or RangeError naming the value", async () =>
     await assertInvalid(() => returnPort(port), type, shown);
     await assertInvalid(() => pickUnusedPort({ ports: [port] }), type, shown);
     await assertInvalid(() => pickUnusedPort({ exclude: [port] }), type, shown);
-    await assertInvalid(() => pickUnusedPort({ range: [port, 30000] }), type, shown);
-    await assertInvalid(() => pickUnusedPort({ range: [1, port] }), type, shown);
+    await assertInvalid(
+      () => pickUnusedPort({ range: [port, 30000] }),
+      type,
+      shown,
+    );
+    await assertInvalid(
+      () => pickUnusedPort({ range: [1, port] }),
+      type,
+      shown,
+    );
   }
 });
 
@@ -328,12 +370,20 @@ test("a backwards range, a bad count or a bad pid throws naming the value", asyn
   await assertInvalid(() => pickUnusedPorts(0), RangeError, "0");
   await assertInvalid(() => pickUnusedPorts(-2), RangeError, "-2");
   await assertInvalid(() => pickUnusedPorts(1.5), TypeError, "1.5");
-  await assertInvalid(() => pickUnusedPorts("2" as unknown as number), TypeError, '"2"');
+  await assertInvalid(
+    () => pickUnusedPorts("2" as unknown as number),
+    TypeError,
+    '"2"',
+  );
   await assertInvalid(() => pickUnusedPort({ pid: -1 }), RangeError, "-1");
   await assertInvalid(() => pickUnusedPort({ pid: 0 }), RangeError, "0");
   await assertInvalid(() => pickUnusedPort({ pid: 2.5 }), TypeError, "2.5");
   await assertInvalid(() => reservePort({ pid: -1 }), RangeError, "-1");
-  await assertInvalid(() => getPortFromPortServer("@x", { pid: -1 }), RangeError, "-1");
+  await assertInvalid(
+    () => getPortFromPortServer("@x", { pid: -1 }),
+    RangeError,
+    "-1",
+  );
 });
 
 function inRange(port: number, range: readonly [number, number]): boolean {
@@ -342,11 +392,17 @@ function inRange(port: number, range: readonly [number, number]): boolean {
 
 /** The pids a Python port server was asked for, from its log. */
 function requestedPids(server: Proc): number[] {
-  return [...server.stderr().matchAll(/Request on behalf of pid (\d+)/g)].map((m) => Number(m[1]));
+  return [...server.stderr().matchAll(/Request on behalf of pid (\d+)/g)].map((
+    m,
+  ) => Number(m[1]));
 }
 
 /** Asks the server `n` times for this process, and checks the ports it gave. */
-async function askPythonServer(address: string, pool: [number, number], n: number) {
+async function askPythonServer(
+  address: string,
+  pool: [number, number],
+  n: number,
+) {
   const ports: number[] = [];
   for (let i = 0; i < n; i++) {
     const port = await getPortFromPortServer(address, { pid: process.pid });
@@ -355,7 +411,10 @@ async function askPythonServer(address: string, pool: [number, number], n: numbe
   }
   assert.equal(new Set(ports).size, n);
   for (const port of ports) {
-    assert.ok(port >= pool[0] && port <= pool[1], `${port} outside the pool ${pool}`);
+    assert.ok(
+      port >= pool[0] && port <= pool[1],
+      `${port} outside the pool ${pool}`,
+    );
   }
 }
 
@@ -365,7 +424,10 @@ test("getPortFromPortServer gets distinct ports of the pool from the Python serv
   const server = await startPythonPortserver(address, `${pool[0]}-${pool[1]}`);
   try {
     await askPythonServer(address, pool, 4);
-    assert.match(server.stderr(), new RegExp(`Request on behalf of pid ${process.pid}\\b`));
+    assert.match(
+      server.stderr(),
+      new RegExp(`Request on behalf of pid ${process.pid}\\b`),
+    );
   } finally {
     await server.stop();
   }
@@ -392,14 +454,19 @@ test("pickUnusedPort uses the port server's port, and picks locally once it refu
     const result = await runScript(`
 import { pickUnusedPort } from ${JSON.stringify(MOD_URL)};
 const ports = [];
-for (let i = 0; i < 3; i++) ports.push(await pickUnusedPort({ portserverAddress: ${JSON.stringify(address)} }));
+for (let i = 0; i < 3; i++) ports.push(await pickUnusedPort({ portserverAddress: ${
+      JSON.stringify(address)
+    } }));
 console.log(JSON.stringify(ports));
 `);
     assert.equal(result.code, 0, result.stderr);
     const ports = JSON.parse(result.stdout) as number[];
     assert.equal(new Set(ports).size, 3);
     assert.deepEqual(new Set(ports.slice(0, 2)), new Set(portsOf(pool)));
-    assert.ok(ports[2] < pool[0] || ports[2] > pool[1], `${ports[2]} from the exhausted pool`);
+    assert.ok(
+      ports[2] < pool[0] || ports[2] > pool[1],
+      `${ports[2]} from the exhausted pool`,
+    );
     const lines = result.stderr.split("\n").filter((line) => line.trim());
     assert.deepEqual(lines, ["Portserver failed to find a port."]);
     assert.match(server.stderr(), /All ports in use/);
@@ -434,8 +501,14 @@ test("getPortFromPortServer returns undefined when the Python server refuses", a
   const pool = await freeRange(1);
   const server = await startPythonPortserver(address, `${pool[0]}-${pool[0]}`);
   try {
-    assert.equal(await getPortFromPortServer(address, { pid: process.pid }), pool[0]);
-    assert.equal(await getPortFromPortServer(address, { pid: process.pid }), undefined);
+    assert.equal(
+      await getPortFromPortServer(address, { pid: process.pid }),
+      pool[0],
+    );
+    assert.equal(
+      await getPortFromPortServer(address, { pid: process.pid }),
+      undefined,
+    );
     assert.match(server.stderr(), /All ports in use/);
   } finally {
     await server.stop();
@@ -447,7 +520,9 @@ test("with no server at the address, pickUnusedPort still picks a port, and says
   const missing = [uniqueName("nobody"), join(dir.path, "nobody.sock")];
   try {
     const result = await runScript(`
-import { getPortFromPortServer, pickUnusedPort } from ${JSON.stringify(MOD_URL)};
+import { getPortFromPortServer, pickUnusedPort } from ${
+      JSON.stringify(MOD_URL)
+    };
 const out = [];
 for (const address of ${JSON.stringify(missing)}) {
   out.push(await pickUnusedPort({ portserverAddress: address }));
@@ -462,7 +537,9 @@ console.log(JSON.stringify(out));
     assert.equal(none2, null);
     const lines = result.stderr.split("\n").filter((line) => line.trim());
     assert.equal(lines.length, 4, result.stderr);
-    for (const line of lines) assert.match(line, /^Socket error when connecting to portserver: \S/);
+    for (const line of lines) {
+      assert.match(line, /^Socket error when connecting to portserver: \S/);
+    }
   } finally {
     dir.remove();
   }
@@ -482,8 +559,14 @@ console.log(JSON.stringify({ pid: process.pid, port: await pickUnusedPort() }));
     );
     assert.equal(result.code, 0, result.stderr);
     const { pid, port } = JSON.parse(result.stdout);
-    assert.ok(port >= pool[0] && port <= pool[1], `${port} outside the pool ${pool}`);
-    assert.match(server.stderr(), new RegExp(`Request on behalf of pid ${pid}\\b`));
+    assert.ok(
+      port >= pool[0] && port <= pool[1],
+      `${port} outside the pool ${pool}`,
+    );
+    assert.match(
+      server.stderr(),
+      new RegExp(`Request on behalf of pid ${pid}\\b`),
+    );
   } finally {
     await server.stop();
   }
@@ -499,7 +582,9 @@ test("portserverAddress wins over PORTSERVER_ADDRESS", async () => {
     const result = await runScript(
       `
 import { pickUnusedPort } from ${JSON.stringify(MOD_URL)};
-console.log(await pickUnusedPort({ portserverAddress: ${JSON.stringify(first)} }));
+console.log(await pickUnusedPort({ portserverAddress: ${
+        JSON.stringify(first)
+      } }));
 `,
       { env: { PORTSERVER_ADDRESS: second } },
     );
@@ -527,12 +612,23 @@ console.log(a);
 console.error(a === b ? "same port twice" : "distinct");
 `,
     );
-    const result = await run([tool("deno"), "run", "--allow-net", "--no-config", "--no-prompt", path], {
+    const result = await run([
+      tool("deno"),
+      "run",
+      "--allow-net",
+      "--no-config",
+      "--no-prompt",
+      path,
+    ], {
       env: { PORTSERVER_ADDRESS: uniqueName("deno-env"), NO_COLOR: "1" },
     });
     assert.equal(result.code, 0, result.stderr);
     assert.match(result.stdout, /^\d+\n$/);
-    assert.equal(result.stderr.split("--allow-env").length - 1, 1, result.stderr);
+    assert.equal(
+      result.stderr.split("--allow-env").length - 1,
+      1,
+      result.stderr,
+    );
     assert.match(result.stderr, /PORTSERVER_ADDRESS/);
     assert.match(result.stderr, /distinct/);
     // Not read, so not asked: no connection attempt.
@@ -546,7 +642,9 @@ test("a port handed out from the free set is not handed out again before it is r
   // Separate process: the per-process state stays clean here whatever happens.
   const [port] = await freeRange(1);
   const result = await runScript(`
-import { addReservedPort, pickUnusedPort, returnPort } from ${JSON.stringify(MOD_URL)};
+import { addReservedPort, pickUnusedPort, returnPort } from ${
+    JSON.stringify(MOD_URL)
+  };
 const out = [];
 const attempt = async () => {
   try {
@@ -563,7 +661,11 @@ await attempt(); // returned: from the free set again
 console.log(JSON.stringify(out));
 `);
   assert.equal(result.code, 0, result.stderr);
-  assert.deepEqual(JSON.parse(result.stdout), [port, "NoFreePortFoundError", port]);
+  assert.deepEqual(JSON.parse(result.stdout), [
+    port,
+    "NoFreePortFoundError",
+    port,
+  ]);
 });
 
 test("a port from the port server is not handed out again before it is returned", async () => {
@@ -573,7 +675,9 @@ test("a port from the port server is not handed out again before it is returned"
   try {
     const result = await runScript(`
 import { pickUnusedPort } from ${JSON.stringify(MOD_URL)};
-const out = [await pickUnusedPort({ portserverAddress: ${JSON.stringify(address)} })];
+const out = [await pickUnusedPort({ portserverAddress: ${
+      JSON.stringify(address)
+    } })];
 try {
   out.push(await pickUnusedPort({ range: [${port}, ${port}] }));
 } catch (error) {
@@ -607,14 +711,25 @@ for (const call of [() => isPortFree(27001), () => pickUnusedPort(), () => pickU
     );
     // Both UDP paths: node:dgram (stable Deno) and Deno.listenDatagram.
     for (const flags of [[], ["--unstable-net"]]) {
-      const result = await run([tool("deno"), "run", "--no-config", "--no-prompt", ...flags, path], {
+      const result = await run([
+        tool("deno"),
+        "run",
+        "--no-config",
+        "--no-prompt",
+        ...flags,
+        path,
+      ], {
         env: { NO_COLOR: "1" },
       });
-      const what = `deno run ${flags.join(" ")}: exit ${result.code}, ${result.stderr}`;
+      const what = `deno run ${
+        flags.join(" ")
+      }: exit ${result.code}, ${result.stderr}`;
       assert.equal(result.code, 0, what);
       const lines = result.stdout.trim().split("\n");
       assert.equal(lines.length, 3, what);
-      for (const line of lines) assert.match(line, /^rejected .*--allow-net/, what);
+      for (const line of lines) {
+        assert.match(line, /^rejected .*--allow-net/, what);
+      }
       assert.match(lines[0], /\b27001\b/);
     }
   } finally {
