@@ -12,9 +12,11 @@
 
 import { parseArgs } from "node:util";
 import {
+  getPortServerStatus,
   type PickOptions,
   pickUnusedPorts,
   reservePort,
+  returnPortsToServer,
   VERSION,
 } from "./mod.ts";
 
@@ -25,6 +27,8 @@ const NAME = "portpicker";
 
 const USAGE = `Usage: ${NAME} [options] [pid] [hold_seconds]
        ${NAME} serve [server options]     (${NAME} serve --help)
+       ${NAME} status [--json] [--portserver ADDR]
+       ${NAME} return PORT... [--pid PID] [--portserver ADDR]
 
 Prints a port that is free on TCP and UDP, IPv4 and IPv6, and a newline.
 
@@ -42,11 +46,19 @@ Options:
       --portserver ADDR  ask this port server first: a Unix socket path, or
                          @name for the abstract namespace
                          (default: $PORTSERVER_ADDRESS)
+      --label TEXT       store TEXT with the allocation on the port server
+      --lock-dir DIR     claim each port with a file in DIR, so that processes
+                         sharing DIR never get the same port, with no server
+                         (default: $PORTPICKER_LOCK_DIR)
       --json             print {"ports":[...]} instead of lines
   -h, --help             print this help
   -V, --version          print the version
 
-Exit status: 0 printed, 1 no free port, 2 usage error.
+status: who holds which port on the port server (this project's server only).
+return: give ports back to the port server, which frees them at once; --pid
+        is their holder (default: the parent process).
+
+Exit status: 0 done, 1 no free port (or the server refused), 2 usage error.
 `;
 
 /** A bad command line: printed as one line, exit 2. */
@@ -104,6 +116,22 @@ export function parseRange(text: string): [number, number] {
   return [first, last];
 }
 
+function parseAddress(text: string | undefined): string | undefined {
+  if (text === "") throw new UsageError("--portserver needs an address");
+  return text;
+}
+
+function parseLabel(text: string): string {
+  if (!/^[\x21-\x7e]{1,100}$/.test(text)) {
+    throw new UsageError(
+      `invalid label ${
+        JSON.stringify(text)
+      }: expected 1 to 100 printable characters without spaces`,
+    );
+  }
+  return text;
+}
+
 interface PickCommand {
   count: number;
   json: boolean;
@@ -120,6 +148,8 @@ function parsePickCommand(args: string[]): PickCommand | "help" | "version" {
       range: { type: "string" },
       exclude: { type: "string" },
       portserver: { type: "string" },
+      label: { type: "string" },
+      "lock-dir": { type: "string" },
       json: { type: "boolean" },
       help: { type: "boolean", short: "h" },
       version: { type: "boolean", short: "V" },
@@ -157,11 +187,13 @@ function parsePickCommand(args: string[]): PickCommand | "help" | "version" {
       parseInteger(p.trim(), "excluded port", 1, 65535)
     );
   }
-  if (values.portserver !== undefined) {
-    if (values.portserver === "") {
-      throw new UsageError("--portserver needs an address");
+  options.portserverAddress = parseAddress(values.portserver);
+  if (values.label !== undefined) options.label = parseLabel(values.label);
+  if (values["lock-dir"] !== undefined) {
+    if (values["lock-dir"] === "") {
+      throw new UsageError("--lock-dir needs a directory");
     }
-    options.portserverAddress = values.portserver;
+    options.lockDir = values["lock-dir"];
   }
   const count = values.count === undefined
     ? 1
@@ -282,6 +314,83 @@ async function runHolder(args: string[]): Promise<void> {
   setTimeout(() => exit(0), seconds * 1000);
 }
 
+/** `portpicker status`: who holds which port on the server. */
+async function statusCommand(args: string[]): Promise<void> {
+  const { values, positionals } = parseArgs({
+    args,
+    allowPositionals: true,
+    options: { json: { type: "boolean" }, portserver: { type: "string" } },
+  });
+  if (positionals.length > 0) {
+    throw new UsageError(
+      `unexpected argument ${JSON.stringify(positionals[0])}`,
+    );
+  }
+  const address = parseAddress(values.portserver) ?? portserverFromEnv();
+  if (!address) {
+    throw new UsageError(
+      "status needs a port server: --portserver or PORTSERVER_ADDRESS",
+    );
+  }
+  const status = await getPortServerStatus(address);
+  if (values.json) return void console.log(JSON.stringify(status));
+  console.log(
+    `${status.allocated} of ${status.pool} ports held on ${status.address}`,
+  );
+  if (status.allocations.length === 0) return;
+  const rows = [["PORT", "PID", "SINCE", "LABEL"]];
+  for (const a of status.allocations) {
+    rows.push([
+      String(a.port),
+      a.lease ? "lease" : String(a.pid),
+      a.since,
+      a.label ?? "",
+    ]);
+  }
+  const widths = rows[0].map((_, i) =>
+    Math.max(...rows.map((r) => r[i].length))
+  );
+  for (const row of rows) {
+    console.log(
+      row.map((cell, i) => cell.padEnd(widths[i])).join("  ").trimEnd(),
+    );
+  }
+}
+
+/** `portpicker return PORT...`: the server frees them at once. */
+async function returnCommand(args: string[]): Promise<void> {
+  const { values, positionals } = parseArgs({
+    args,
+    allowPositionals: true,
+    options: { pid: { type: "string" }, portserver: { type: "string" } },
+  });
+  if (positionals.length === 0) {
+    throw new UsageError("return needs at least one PORT");
+  }
+  const ports = positionals.flatMap((p) => p.split(",")).map((p) =>
+    parseInteger(p, "port", 1, 65535)
+  );
+  const pid = values.pid === undefined
+    ? parentPid()
+    : parseInteger(values.pid, "pid", 1, 0x7fffffff);
+  const address = parseAddress(values.portserver) ?? portserverFromEnv();
+  if (!address) {
+    throw new UsageError(
+      "return needs a port server: --portserver or PORTSERVER_ADDRESS",
+    );
+  }
+  await returnPortsToServer(address, ports, { pid });
+}
+
+function portserverFromEnv(): string | undefined {
+  // deno-lint-ignore no-explicit-any
+  const g = globalThis as any;
+  return (g.Deno
+    ? g.Deno.env.get("PORTSERVER_ADDRESS")
+    : g.process.env.PORTSERVER_ADDRESS) ||
+    undefined;
+}
+
 async function pickCommand(args: string[]): Promise<void> {
   const command = parsePickCommand(args);
   if (command === "help") return void console.log(USAGE);
@@ -312,6 +421,10 @@ export async function main(args: string[]): Promise<number> {
     } else if (args[0] === "serve") {
       const { serveCommand } = await import("./portserver.ts");
       return await serveCommand(args.slice(1));
+    } else if (args[0] === "status") {
+      await statusCommand(args.slice(1));
+    } else if (args[0] === "return") {
+      await returnCommand(args.slice(1));
     } else {
       await pickCommand(args);
     }

@@ -95,6 +95,12 @@ export interface PickOptions {
    * either, no claims are made.
    */
   lockDir?: string;
+  /**
+   * Stored with the allocation by this project's port server (shown by its
+   * status request); ignored by the Python server. Printable, no spaces, 1 to
+   * 100 characters.
+   */
+  label?: string;
 }
 
 /** Options of {@linkcode getPortFromPortServer}. */
@@ -483,7 +489,16 @@ export function returnPort(port: number): void {
   checkPort(port);
   releaseClaim(port);
   if (randomPorts.delete(port)) return;
-  if (ownedPorts.delete(port)) freePorts.add(port);
+  if (!ownedPorts.delete(port)) return;
+  const from = serverPorts.get(port);
+  serverPorts.delete(port);
+  // A server that takes ports back frees it for everybody; kept here too, it
+  // could be handed out twice.
+  if (from && extendedServers.get(from.address) !== false) {
+    returnToServer(port, from.address, from.pid);
+  } else {
+    freePorts.add(port);
+  }
 }
 
 /**
@@ -527,6 +542,91 @@ function socketPath(address: string): string {
     : `\0${address.slice(1)}`;
 }
 
+/** A Unix stream connection to a port server, the same on every runtime. */
+interface ServerConnection {
+  /** Sends `text`; with `end`, closes the sending side afterwards. */
+  write(text: string, end: boolean): Promise<void>;
+  /** The next chunk, or null at the end. */
+  read(): Promise<Uint8Array | null>;
+  close(): void;
+  /** Lets the process exit while the connection stays open. */
+  unref(): void;
+}
+
+async function connectServer(address: string): Promise<ServerConnection> {
+  const path = socketPath(address);
+  if (deno && !isWindows) {
+    const conn = await deno.connect({ transport: "unix", path });
+    const buffer = new Uint8Array(4096);
+    let closed = false;
+    return {
+      write: async (text, end) => {
+        const bytes = new TextEncoder().encode(text);
+        for (let n = 0; n < bytes.length;) {
+          n += await conn.write(bytes.subarray(n));
+        }
+        if (end) await conn.closeWrite();
+      },
+      read: async () => {
+        if (closed) return null;
+        const n = await conn.read(buffer);
+        return n === null ? null : buffer.slice(0, n);
+      },
+      close: () => {
+        if (closed) return;
+        closed = true;
+        try {
+          conn.close();
+        } catch { /* already closed */ }
+      },
+      unref: () => conn.unref(),
+    };
+  }
+  const net = await loadNet();
+  const socket = net.connect({ path });
+  await new Promise<void>((resolve, reject) => {
+    socket.once("connect", resolve);
+    socket.once("error", reject);
+  });
+  const chunks: (Uint8Array | null)[] = [];
+  let wake: (() => void) | undefined;
+  let failure: Error | undefined;
+  const push = (chunk: Uint8Array | null) => {
+    chunks.push(chunk);
+    wake?.();
+  };
+  socket.on("data", (chunk: Uint8Array) => push(chunk));
+  socket.on("end", () => push(null));
+  socket.on("close", () => push(null));
+  socket.on("error", (error: Error) => {
+    failure = error;
+    push(null);
+  });
+  return {
+    write: (text, end) =>
+      new Promise((resolve, reject) => {
+        const done = (error?: Error | null) =>
+          error ? reject(error) : resolve();
+        if (end) socket.end(text, () => done());
+        else socket.write(text, done);
+      }),
+    read: async () => {
+      while (chunks.length === 0) {
+        await new Promise<void>((resolve) => wake = resolve);
+        wake = undefined;
+      }
+      const chunk = chunks.shift()!;
+      if (chunk === null) {
+        chunks.unshift(null);
+        if (failure) throw failure;
+      }
+      return chunk;
+    },
+    close: () => void socket.destroy(),
+    unref: () => void socket.unref(),
+  };
+}
+
 /**
  * Sends one request to a port server and reads the reply up to its end.
  * @internal Shared with the server tests and the CLI.
@@ -534,44 +634,25 @@ function socketPath(address: string): string {
 export async function portServerRequest(
   address: string,
   request: string,
+  limit = REPLY_LIMIT,
 ): Promise<string> {
-  const path = socketPath(address);
-  const payload = new TextEncoder().encode(request);
-  if (deno && !isWindows) {
-    const conn = await deno.connect({ transport: "unix", path });
-    const timer = setTimeout(() => conn.close(), SERVER_TIMEOUT_MS);
-    try {
-      await conn.write(payload);
-      const chunks: Uint8Array[] = [];
-      let size = 0;
-      const buffer = new Uint8Array(REPLY_LIMIT);
-      while (size < REPLY_LIMIT) {
-        const n = await conn.read(buffer);
-        if (n === null) break;
-        chunks.push(buffer.slice(0, n));
-        size += n;
-      }
-      return new TextDecoder().decode(concat(chunks));
-    } finally {
-      clearTimeout(timer);
-      try {
-        conn.close();
-      } catch { /* closed by the timeout */ }
-    }
-  }
-  const net = await loadNet();
-  return await new Promise((resolve, reject) => {
+  const connection = await connectServer(address);
+  const timer = setTimeout(() => connection.close(), SERVER_TIMEOUT_MS);
+  try {
+    await connection.write(request, true);
     const chunks: Uint8Array[] = [];
-    const socket = net.connect({ path }, () => socket.end(payload));
-    socket.setTimeout(SERVER_TIMEOUT_MS, () => {
-      socket.destroy(new Error("timed out waiting for the reply"));
-    });
-    socket.on("data", (chunk: Uint8Array) => chunks.push(chunk));
-    socket.on("error", reject);
-    socket.on("close", () => {
-      resolve(new TextDecoder().decode(concat(chunks)).slice(0, REPLY_LIMIT));
-    });
-  });
+    let size = 0;
+    while (size < limit) {
+      const chunk = await connection.read();
+      if (chunk === null) break;
+      chunks.push(chunk);
+      size += chunk.length;
+    }
+    return new TextDecoder().decode(concat(chunks)).slice(0, limit);
+  } finally {
+    clearTimeout(timer);
+    connection.close();
+  }
 }
 
 function concat(chunks: Uint8Array[]): Uint8Array {
@@ -638,7 +719,323 @@ export async function getPortFromPortServer(
     return undefined;
   }
   ownedPorts.add(port);
+  serverPorts.set(port, { address, pid });
   return port;
+}
+
+// ---------------------------------------------------------------------------
+// The extended protocol of this project's server. Every extended request
+// starts with a word, which the Python server cannot parse: it closes without
+// a reply, and the client falls back to the classic request.
+
+/** Per server address: whether it speaks the extended protocol. */
+const extendedServers = new Map<string, boolean>();
+/** Ports from a port server: who asked for them, and where. */
+const serverPorts = new Map<number, { address: string; pid: number }>();
+
+/** A label as the server takes it: printable, no spaces, 1–100 characters. */
+function checkLabel(label: unknown): string {
+  if (typeof label !== "string" || !/^[\x21-\x7e]{1,100}$/.test(label)) {
+    throw new TypeError(
+      `Invalid label ${
+        formatValue(label)
+      }: expected 1 to 100 printable characters without spaces`,
+    );
+  }
+  return label;
+}
+
+function checkCount(count: unknown): number {
+  if (typeof count !== "number" || !Number.isInteger(count)) {
+    throw new TypeError(
+      `Invalid count ${formatValue(count)}: expected an integer`,
+    );
+  }
+  if (count < 1) {
+    throw new RangeError(`Invalid count ${count}: expected at least 1`);
+  }
+  return count;
+}
+
+/**
+ * Sends an extended request. Returns the reply line, or undefined when the
+ * server closed without one (the Python server).
+ */
+async function extendedRequest(
+  address: string,
+  request: string,
+  limit = REPLY_LIMIT,
+): Promise<string | undefined> {
+  const reply = await portServerRequest(address, request, limit);
+  const supported = reply.length > 0;
+  extendedServers.set(address, supported);
+  return supported ? reply.trimEnd() : undefined;
+}
+
+function parsePorts(reply: string): number[] | undefined {
+  const match = /^OK((?: \d{1,5})+)$/.exec(reply);
+  return match ? match[1].trim().split(" ").map(Number) : undefined;
+}
+
+/**
+ * Takes `count` ports for `pid` in one request, with a label. On the Python
+ * server, which closes without a reply, falls back to one classic request a
+ * port (the label is then lost) and remembers to ask classically from then
+ * on. Prints the Python client's messages; undefined when no port came.
+ */
+async function takeFromServer(
+  address: string,
+  pid: number,
+  count: number,
+  label: string | undefined,
+): Promise<number[] | undefined> {
+  {
+    if (extendedServers.get(address) !== false) {
+      let reply: string | undefined;
+      try {
+        reply = await extendedRequest(
+          address,
+          `TAKE pid=${pid} count=${count}${label ? ` label=${label}` : ""}\n`,
+        );
+      } catch (error) {
+        const { message } = (error ?? {}) as ErrorWithCode;
+        console.error(
+          `Socket error when connecting to portserver: ${message ?? error}`,
+        );
+        return undefined;
+      }
+      if (reply !== undefined) {
+        const ports = parsePorts(reply);
+        if (!ports) {
+          console.error("Portserver failed to find a port.");
+          return undefined;
+        }
+        for (const port of ports) {
+          ownedPorts.add(port);
+          serverPorts.set(port, { address, pid });
+        }
+        return ports;
+      }
+    }
+  }
+  const ports: number[] = [];
+  while (ports.length < count) {
+    const port = await getPortFromPortServer(address, { pid });
+    if (port === undefined) break;
+    ports.push(port);
+  }
+  return ports.length > 0 ? ports : undefined;
+}
+
+/**
+ * Gives ports back to this project's port server, which frees them at once.
+ *
+ * @param address The server's address.
+ * @param ports The ports, held by `options.pid`.
+ * @param options The pid that holds them; defaults to this process.
+ * @returns The ports freed.
+ * @throws {Error} When the server refuses (a port not held by that pid) or
+ * does not speak the extended protocol (the Python server).
+ *
+ * @example
+ * ```ts
+ * import { returnPortsToServer } from "@x/portpicker";
+ *
+ * await returnPortsToServer("@unittest-portserver", [15000]);
+ * ```
+ */
+export async function returnPortsToServer(
+  address: string,
+  ports: number[],
+  options: PortServerOptions = {},
+): Promise<number[]> {
+  const pid = options.pid === undefined ? currentPid() : checkPid(options.pid);
+  if (!Array.isArray(ports) || ports.length === 0) {
+    throw new TypeError(
+      `Invalid ports ${formatValue(ports)}: expected a non-empty array`,
+    );
+  }
+  ports.forEach((port) => checkPort(port));
+  const reply = await extendedRequest(
+    address,
+    `RETURN pid=${pid} ports=${ports.join(",")}\n`,
+  );
+  if (reply === undefined) {
+    throw new Error(
+      `The port server at ${address} cannot take ports back (a Python portserver?)`,
+    );
+  }
+  const freed = parsePorts(reply);
+  if (!freed) {
+    throw new Error(
+      `The port server at ${address} refused: ${reply.replace(/^ERR /, "")}`,
+    );
+  }
+  for (const port of freed) {
+    serverPorts.delete(port);
+    ownedPorts.delete(port);
+    freePorts.delete(port);
+  }
+  return freed;
+}
+
+/** Returns made by {@linkcode returnPort}, still on their way. */
+const pendingReturns = new Set<Promise<void>>();
+
+/** Tells the server a port came back; on the Python server, keeps it locally. */
+function returnToServer(port: number, address: string, pid: number): void {
+  const done = returnPortsToServer(address, [port], { pid }).then(
+    () => {},
+    () => {
+      // The Python server keeps the port for this process: reuse it here.
+      if (extendedServers.get(address) === false) freePorts.add(port);
+    },
+  ).finally(() => pendingReturns.delete(done));
+  pendingReturns.add(done);
+}
+
+/** A lease: ports held by the server for as long as its connection is open. */
+export interface PortLease extends Disposable, AsyncDisposable {
+  /** The leased ports. */
+  readonly ports: readonly number[];
+  /** Closes the connection: the server frees the ports at once. */
+  release(): Promise<void>;
+}
+
+/** Options of {@linkcode leasePorts}. */
+export interface LeaseOptions {
+  /** The server; defaults to `PORTSERVER_ADDRESS`. */
+  portserverAddress?: string;
+  /** Stored with the allocation, shown by the status request. */
+  label?: string;
+}
+
+/**
+ * Leases `count` distinct ports from this project's port server: they stay
+ * held for exactly as long as this connection is open, whatever happens to
+ * the process; for containers and other places where the server cannot see
+ * the client's pid. The open connection does not keep the process alive.
+ *
+ * @param count How many ports, at least 1.
+ * @param options The server and a label.
+ * @returns The lease.
+ * @throws {Error} With no server, when the server has too few free ports, or
+ * when it does not speak the extended protocol (the Python server).
+ *
+ * @example
+ * ```ts
+ * import { leasePorts } from "@x/portpicker";
+ *
+ * await using lease = await leasePorts(2, { label: "e2e" });
+ * const [web, db] = lease.ports;
+ * ```
+ */
+export async function leasePorts(
+  count: number,
+  options: LeaseOptions = {},
+): Promise<PortLease> {
+  checkCount(count);
+  const label = options.label === undefined
+    ? undefined
+    : checkLabel(options.label);
+  const address = options.portserverAddress ?? readEnv("PORTSERVER_ADDRESS");
+  if (!address) {
+    throw new Error(
+      "A lease needs a port server: pass portserverAddress or set PORTSERVER_ADDRESS",
+    );
+  }
+  const connection = await connectServer(address);
+  const timer = setTimeout(() => connection.close(), SERVER_TIMEOUT_MS);
+  let reply = "";
+  try {
+    // Not closing the sending side: the lease lasts while the connection does.
+    await connection.write(
+      `LEASE count=${count}${label ? ` label=${label}` : ""}\n`,
+      false,
+    );
+    while (!reply.includes("\n")) {
+      const chunk = await connection.read();
+      if (chunk === null) break;
+      reply += new TextDecoder().decode(chunk);
+    }
+  } catch (error) {
+    connection.close();
+    throw error;
+  } finally {
+    clearTimeout(timer);
+  }
+  const ports = parsePorts(reply.trimEnd());
+  if (!ports) {
+    connection.close();
+    extendedServers.set(address, reply.length > 0);
+    throw new Error(
+      reply.length === 0
+        ? `The port server at ${address} cannot lease ports (a Python portserver?)`
+        : `The port server at ${address} refused the lease: ${
+          reply.trim().replace(/^ERR /, "")
+        }`,
+    );
+  }
+  connection.unref();
+  const release = () => Promise.resolve(connection.close());
+  return {
+    ports,
+    release,
+    [Symbol.dispose]: () => void release(),
+    [Symbol.asyncDispose]: release,
+  };
+}
+
+/** What the status request answers. */
+export interface PortServerStatus {
+  /** The server's address. */
+  address: string;
+  /** How many ports it manages. */
+  pool: number;
+  /** How many are held now. */
+  allocated: number;
+  /** Who holds which port, since when, with which label. */
+  allocations: {
+    port: number;
+    pid: number | null;
+    lease: boolean;
+    since: string;
+    label: string | null;
+  }[];
+}
+
+/**
+ * Asks this project's port server who holds which port.
+ *
+ * @param address The server; defaults to `PORTSERVER_ADDRESS`.
+ * @returns The server's answer.
+ * @throws {Error} With no server, or when it does not speak the extended
+ * protocol (the Python server).
+ *
+ * @example
+ * ```ts
+ * import { getPortServerStatus } from "@x/portpicker";
+ *
+ * const status = await getPortServerStatus("@unittest-portserver");
+ * console.log(`${status.allocated} of ${status.pool} ports held`);
+ * ```
+ */
+export async function getPortServerStatus(
+  address?: string,
+): Promise<PortServerStatus> {
+  const where = address ?? readEnv("PORTSERVER_ADDRESS");
+  if (!where) {
+    throw new Error(
+      "No port server: pass an address or set PORTSERVER_ADDRESS",
+    );
+  }
+  const reply = await extendedRequest(where, "STATUS\n", 64 * 1024 * 1024);
+  if (reply === undefined) {
+    throw new Error(
+      `The port server at ${where} has no status request (a Python portserver?)`,
+    );
+  }
+  return JSON.parse(reply) as PortServerStatus;
 }
 
 function currentPid(): number {
@@ -682,6 +1079,7 @@ interface Plan {
   rangeGiven: boolean;
   exclude: Set<number>;
   lockDir: string | undefined;
+  label: string | undefined;
 }
 
 function plan(options: PickOptions | undefined): Plan {
@@ -717,6 +1115,7 @@ function plan(options: PickOptions | undefined): Plan {
       [...(opts.exclude ?? [])].map((p) => checkPort(p, "excluded port")),
     ),
     lockDir: opts.lockDir ?? (readEnv("PORTPICKER_LOCK_DIR") || undefined),
+    label: opts.label === undefined ? undefined : checkLabel(opts.label),
   };
 }
 
@@ -803,7 +1202,9 @@ async function pickOne(
 
   for (const address of [p.serverAddress, readEnv("PORTSERVER_ADDRESS")]) {
     if (!address) continue;
-    const port = await getPortFromPortServer(address, { pid: p.pid });
+    const [port] =
+      await takeFromServer(address, p.pid ?? currentPid(), 1, p.label) ??
+        [];
     if (port === undefined) continue;
     if (allowed(port, p, taken)) return await tryHold(port, hold);
     console.error(
@@ -896,18 +1297,19 @@ export async function pickUnusedPorts(
   count: number,
   options?: PickOptions,
 ): Promise<number[]> {
-  if (typeof count !== "number" || !Number.isInteger(count)) {
-    throw new TypeError(
-      `Invalid count ${formatValue(count)}: expected an integer`,
-    );
-  }
-  if (count < 1) {
-    throw new RangeError(`Invalid count ${count}: expected at least 1`);
-  }
+  checkCount(count);
   const p = plan(options);
   const held: Held[] = [];
   const taken = new Set<number>();
   try {
+    for (const port of await bulkFromServer(p, count)) {
+      if (allowed(port, p, taken)) {
+        held.push(await tryHold(port, true));
+        taken.add(port);
+      } else {
+        returnPort(port);
+      }
+    }
     while (held.length < count) {
       const one = await pickOne(p, true, taken);
       held.push(one);
@@ -917,6 +1319,19 @@ export async function pickUnusedPorts(
     await Promise.all(held.map((h) => h.release()));
   }
   return held.map((h) => h.port);
+}
+
+/**
+ * Several ports in one request to the port server, when nothing comes before
+ * the server in the order of {@linkcode pickOne}.
+ */
+async function bulkFromServer(p: Plan, count: number): Promise<number[]> {
+  if (count < 2 || p.preferred.length > 0) return [];
+  for (const port of freePorts) if (allowed(port, p, new Set())) return [];
+  const address = p.serverAddress || readEnv("PORTSERVER_ADDRESS");
+  if (!address) return [];
+  return await takeFromServer(address, p.pid ?? currentPid(), count, p.label) ??
+    [];
 }
 
 /**
