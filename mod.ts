@@ -470,9 +470,11 @@ export function addReservedPort(port: number): void {
 
 /**
  * Gives back a port that is no longer used. A port this process found itself
- * may be picked again; a port from the port server or the free set goes back
- * to the free set and is handed out first. Returning a port that was already
- * returned, or never given, does nothing.
+ * may be picked again (its claim in a lock directory is removed). A port from
+ * this project's port server goes back to the server, which frees it at once
+ * (in the background); one from the Python server, or from the free set, goes
+ * back to the free set and is handed out first. Returning a port that was
+ * already returned, or never given, does nothing.
  *
  * @param port The port, from 1 to 65535.
  *
