@@ -54,17 +54,33 @@ const suites: Suite[] = [
   {
     // Deno without --unstable-net has no Deno.listenDatagram: node:dgram then.
     name: "deno without --unstable-net",
-    command: [deno, "test", "-A", "--no-check", "--no-config", "--node-modules-dir=none", ...files.filter((f) => f.includes("picker"))],
+    command: [
+      deno,
+      "test",
+      "-A",
+      "--no-check",
+      "--no-config",
+      "--node-modules-dir=none",
+      ...files.filter((f) => f.includes("picker")),
+    ],
     env: { PORTPICKER_TEST_NO_UNSTABLE: "1" },
     count: denoCount,
   },
   {
     name: "bun",
-    command: [tool("bun"), "test", "--timeout", "120000", ...files.map((f) => `./${f}`)],
+    command: [
+      tool("bun"),
+      "test",
+      "--timeout",
+      "120000",
+      ...files.map((f) => `./${f}`),
+    ],
     count: (out) => {
       const pass = last(out, /^\s*(\d+) pass$/gm);
       const fail = last(out, /^\s*(\d+) fail$/gm);
-      return pass === undefined || fail === undefined ? undefined : [pass, fail];
+      return pass === undefined || fail === undefined
+        ? undefined
+        : [pass, fail];
     },
   },
   {
@@ -74,7 +90,9 @@ const suites: Suite[] = [
       const pass = last(out, /^ℹ pass (\d+)$/gm);
       const fail = last(out, /^ℹ fail (\d+)$/gm);
       const cancelled = last(out, /^ℹ cancelled (\d+)$/gm) ?? 0;
-      return pass === undefined || fail === undefined ? undefined : [pass, fail + cancelled];
+      return pass === undefined || fail === undefined
+        ? undefined
+        : [pass, fail + cancelled];
     },
   },
 ];
@@ -85,9 +103,14 @@ if (files.length === 0) {
   process.exit(1);
 }
 
-const nodeVersion = spawnSync(tool("node"), ["--version"]).stdout?.toString().trim();
+const nodeVersion = spawnSync(tool("node"), ["--version"]).stdout?.toString()
+  .trim();
 if (!nodeVersion || Number(/^v(\d+)/.exec(nodeVersion)?.[1]) < 22) {
-  console.error(`tests need Node 22 or later, found ${nodeVersion ?? "none"}: run npm ci first`);
+  console.error(
+    `tests need Node 22 or later, found ${
+      nodeVersion ?? "none"
+    }: run npm ci first`,
+  );
   console.log("0 passed, 1 failed");
   process.exit(1);
 }
@@ -115,7 +138,9 @@ for (const suite of suites) {
   });
   const counts = suite.count(output);
   if (!counts) {
-    lines.push(`${suite.name}: no summary from the runner (counted as 1 failed)`);
+    lines.push(
+      `${suite.name}: no summary from the runner (counted as 1 failed)`,
+    );
     failed += 1;
     continue;
   }
