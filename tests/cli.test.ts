@@ -11,6 +11,7 @@ import { join } from "node:path";
 import { isPortFree } from "../mod.ts";
 import {
   canBindWithPython,
+  COMPILE_ARGS,
   freeRange,
   HOLD_KINDS,
   holdWithPython,
@@ -372,7 +373,7 @@ test("$(portpicker $$ 3) does not wait for the holding process", async () => {
 });
 
 // ---------------------------------------------------------------------------
-// The binary compiled by `bun build --compile`, built once.
+// The binary compiled as the README says (`bun build --compile …`), built once.
 
 let binary: Promise<string> | undefined;
 
@@ -386,9 +387,7 @@ function compiled(): Promise<string> {
     const out = join(dir.path, "portpicker");
     const result = await run([
       tool("bun"),
-      "build",
-      "--compile",
-      join(ROOT, "cli.ts"),
+      ...COMPILE_ARGS,
       "--outfile",
       out,
     ], {
