@@ -822,6 +822,14 @@ class Session {
     this.#idle = setTimeout(() => this.#answer(), REQUEST_IDLE_MS);
   }
 
+  /**
+   * Whether more reading is pointless: a classic request is complete (only
+   * an extended one, a lease, needs to see the client hang up).
+   */
+  get read(): boolean {
+    return this.#done && !isLetter(this.#chunks[0]?.[0]);
+  }
+
   end(): void {
     if (!this.#done) this.#answer();
     else this.#hangUp();
@@ -1028,7 +1036,8 @@ async function serveDenoConnection(
   });
   const buffer = new Uint8Array(128);
   try {
-    while (!closed) {
+    // Reading on after a complete classic request only costs a rejected read.
+    while (!closed && !session.read) {
       const n = await conn.read(buffer);
       if (n === null) return session.end();
       session.data(buffer.slice(0, n));
