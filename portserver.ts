@@ -448,6 +448,16 @@ const isLetter = (byte: number | undefined): boolean =>
   byte !== undefined &&
   ((byte >= 0x41 && byte <= 0x5a) || (byte >= 0x61 && byte <= 0x7a));
 
+/**
+ * Whether a request is an extended one: it starts with one of our verbs.
+ * Anything else, garbage that starts with a letter too, is a classic request
+ * and gets the classic treatment for a bad one: closed with nothing written.
+ */
+function isExtended(bytes: Uint8Array): boolean {
+  const head = String.fromCharCode(...bytes.subarray(0, 7));
+  return /^(TAKE|LEASE|RETURN|STATUS)([ \r\n]|$)/.test(head);
+}
+
 /** The pid in a request, or undefined for one the Python server rejects. */
 export function parseRequest(bytes: Uint8Array): number | undefined {
   if (bytes.length > MAX_REQUEST || bytes.length === 0) return undefined;
@@ -584,7 +594,7 @@ class Server implements PortServer {
   /** Answers one request; allocations run one at a time, in order. */
   handle(bytes: Uint8Array): Promise<Answer> {
     const answer = this.#queue.then(() =>
-      isLetter(bytes[0]) ? this.#extended(bytes) : this.#classic(bytes)
+      isExtended(bytes) ? this.#extended(bytes) : this.#classic(bytes)
     );
     this.#queue = answer.catch(() => {});
     return answer;
