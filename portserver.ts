@@ -548,6 +548,17 @@ class Server implements PortServer {
       if (restored) {
         this.info(`Restored ${restored} allocations of live processes.`);
       }
+      // A state file that cannot be written must stop us now, not fail
+      // every request later.
+      try {
+        await this.#save();
+      } catch (error) {
+        throw new Error(
+          `Cannot write the state file ${this.#options.statePath}: ${
+            (error as Error).message
+          }`,
+        );
+      }
     }
     this.#warnEphemeralOverlap();
     this.#close = await listen(this.address, this);
@@ -738,8 +749,14 @@ class Server implements PortServer {
     }
     const owner = this.#pool.processOwner(pid, startTime);
     for (const port of ports) this.#pool.assign(port, owner, label);
+    try {
+      await this.#save();
+    } catch (error) {
+      // Not on disk, not handed out: a restart must not lose it.
+      for (const port of ports) this.#pool.releasePort(port, pid);
+      throw error;
+    }
     this.#counters.totalAllocations += ports.length;
-    await this.#save();
     if (verbose) {
       this.info(`Allocated ports ${ports.join(", ")} to pid ${pid}.`);
     }
@@ -790,8 +807,10 @@ class Server implements PortServer {
 
   stop(): Promise<void> {
     return this.#stopped ??= (async () => {
-      await this.#close?.();
+      // node:net's close waits for every open connection: close them too.
+      const closing = this.#close?.();
       for (const connection of this.#connections) connection.close();
+      await closing;
       await this.#queue;
       await this.#state?.flush();
     })();

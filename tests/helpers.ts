@@ -156,8 +156,11 @@ export function start(
     err += c;
     wake();
   });
+  let done = false;
+  // "close", not "exit": by then all of its output has been read.
   const exited = new Promise<number | null>((resolve) => {
-    child.on("exit", (code) => {
+    child.on("close", (code) => {
+      done = true;
       wake();
       resolve(code);
     });
@@ -172,7 +175,7 @@ export function start(
           if (pattern.test(out) || pattern.test(err)) {
             done();
             resolve();
-          } else if (child.exitCode !== null || child.signalCode !== null) {
+          } else if (done) {
             done();
             reject(new Error(`exited before ${pattern}: ${err}${out}`));
           }
@@ -190,8 +193,12 @@ export function start(
       });
     },
     async stop(signal = "SIGTERM") {
-      if (child.exitCode === null && child.signalCode === null) {
-        child.kill(signal);
+      // process.kill, not child.kill: Deno's node:child_process marks the
+      // child as dead of any signal sent that way, even one it survives.
+      if (!done) {
+        try {
+          process.kill(child.pid!, signal);
+        } catch { /* exited meanwhile */ }
       }
       return await exited;
     },

@@ -1,0 +1,1147 @@
+/**
+ * The features beyond the Python original, on real processes and sockets:
+ * lock directories, reserved ports, this project's extended protocol (raw,
+ * through the library and through the CLI), the fallbacks on Debian's Python
+ * server, and the README's `nc` examples.
+ */
+
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { existsSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
+import { connect, type Socket } from "node:net";
+import { join } from "node:path";
+import {
+  getPortServerStatus,
+  isPortFree,
+  leasePorts,
+  NoFreePortFoundError,
+  pickUnusedPort,
+  pickUnusedPorts,
+  type PortServerStatus,
+  returnPort,
+  returnPortsToServer,
+} from "../mod.ts";
+import { processStartTime, reservedPorts } from "../claims.ts";
+import {
+  MOD_URL,
+  type Proc,
+  ROOT,
+  run,
+  runCli,
+  type RunResult,
+  runtimeCommand,
+  scriptCommand,
+  sleep,
+  start,
+  startPythonPortserver,
+  tempDir,
+  tool,
+  uniqueName,
+} from "./helpers.ts";
+
+const PID = process.pid;
+const ISO_TIME = /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/;
+
+// ---------------------------------------------------------------------------
+// Helpers of this file.
+
+/** Ranges handed out by {@linkcode randomPool} in this process. */
+const usedRanges: [number, number][] = [];
+
+/**
+ * `size` ports with a random base in 20000–32000, overlapping no range given
+ * before in this process; ranges of up to 100 ports are checked free now.
+ */
+async function randomPool(size: number): Promise<[number, number]> {
+  const low = 20000;
+  const high = 32000 - size + 1;
+  for (let attempt = 0; attempt < 500; attempt++) {
+    const first = low + Math.floor(Math.random() * (high - low + 1));
+    const last = first + size - 1;
+    if (usedRanges.some(([a, b]) => first <= b && a <= last)) continue;
+    let ok = true;
+    for (let port = first; size <= 100 && port <= last && ok; port++) {
+      ok = await isPortFree(port);
+    }
+    if (!ok) continue;
+    usedRanges.push([first, last]);
+    return [first, last];
+  }
+  throw new Error(`no free range of ${size} ports in ${low}-32000`);
+}
+
+const spec = (range: readonly [number, number]) => `${range[0]}-${range[1]}`;
+
+function assertInPool(ports: number[], pool: readonly [number, number]): void {
+  for (const port of ports) {
+    assert.ok(
+      Number.isInteger(port) && port >= pool[0] && port <= pool[1],
+      `${port} is not in the pool ${spec(pool)}`,
+    );
+  }
+}
+
+function assertDistinct(ports: number[], count: number): void {
+  assert.equal(ports.length, count, `${ports}`);
+  assert.equal(new Set(ports).size, count, `not distinct: ${ports}`);
+}
+
+/** Starts our server (`cli.ts serve`) on the runtime running the test. */
+async function startServer(
+  pool: readonly [number, number],
+  address: string,
+  extra: string[] = [],
+): Promise<Proc> {
+  const proc = start(
+    [
+      ...runtimeCommand("cli.ts"),
+      "serve",
+      "--pool",
+      spec(pool),
+      "--address",
+      address,
+      ...extra,
+    ],
+    { PORTSERVER_ADDRESS: undefined, PORTPICKER_LOCK_DIR: undefined },
+  );
+  try {
+    await proc.waitFor(/Serving on/, 30_000);
+  } catch (error) {
+    await proc.stop("SIGKILL");
+    throw error;
+  }
+  return proc;
+}
+
+/** The node:net path of `@name` (abstract) or a socket file. */
+function netPath(address: string): string {
+  return address.startsWith("@") ? `\0${address.slice(1)}` : address;
+}
+
+/**
+ * Sends `request` on a new connection, half-closes, and returns everything
+ * the server wrote until it closed the connection.
+ */
+function ask(
+  address: string,
+  request: string | Uint8Array,
+  timeoutMs = 5_000,
+): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const chunks: Buffer[] = [];
+    const socket = connect({ path: netPath(address) }, () => {
+      socket.end(request);
+    });
+    const timer = setTimeout(() => {
+      socket.destroy();
+      reject(new Error(`no close within ${timeoutMs} ms after ${request}`));
+    }, timeoutMs);
+    socket.on("data", (chunk: Buffer) => chunks.push(chunk));
+    socket.on("error", () => {});
+    socket.on("close", () => {
+      clearTimeout(timer);
+      resolve(Buffer.concat(chunks).toString("utf8"));
+    });
+  });
+}
+
+/**
+ * Sends `request` without closing, and resolves with the first line the
+ * server wrote and the still open socket (a lease).
+ */
+function openLease(
+  address: string,
+  request: string,
+): Promise<{ line: string; socket: Socket }> {
+  return new Promise((resolve, reject) => {
+    let text = "";
+    const socket = connect({ path: netPath(address) }, () => {
+      socket.write(request);
+    });
+    const timer = setTimeout(() => {
+      socket.destroy();
+      reject(new Error(`no reply line to ${request}`));
+    }, 5_000);
+    socket.on("error", () => {});
+    socket.on("data", (chunk: Buffer) => {
+      text += chunk.toString("utf8");
+      if (text.includes("\n")) {
+        clearTimeout(timer);
+        resolve({ line: text, socket });
+      }
+    });
+    socket.on("close", () => {
+      clearTimeout(timer);
+      reject(new Error(`closed before a line: ${JSON.stringify(text)}`));
+    });
+  });
+}
+
+/** STATUS, raw: the server's one line of JSON. */
+async function rawStatus(address: string): Promise<PortServerStatus> {
+  const reply = await ask(address, "STATUS\n");
+  assert.match(reply, /^\{[^\n]*\}\n$/, `STATUS reply ${reply}`);
+  return JSON.parse(reply) as PortServerStatus;
+}
+
+/** The server's allocations by port. */
+async function held(
+  address: string,
+): Promise<Map<number, PortServerStatus["allocations"][number]>> {
+  const status = await getPortServerStatus(address);
+  return new Map(status.allocations.map((a) => [a.port, a]));
+}
+
+/** Polls `check` until it holds; fails after `timeoutMs`. Returns the ms it took. */
+async function eventually(
+  what: string,
+  check: () => Promise<boolean> | boolean,
+  timeoutMs = 2_000,
+): Promise<number> {
+  const began = Date.now();
+  while (!(await check())) {
+    if (Date.now() - began > timeoutMs) {
+      assert.fail(`${what}: not within ${timeoutMs} ms`);
+    }
+    await sleep(20);
+  }
+  return Date.now() - began;
+}
+
+/** Whether none of `ports` is held on the server any more. */
+async function noneHeld(address: string, ports: number[]): Promise<boolean> {
+  const now = await held(address);
+  return ports.every((port) => !now.has(port));
+}
+
+/** The numbers of an `OK p1 p2 …` reply, checking its shape. */
+function okPorts(reply: string, count: number): number[] {
+  assert.match(reply, new RegExp(`^OK(?: \\d+){${count}}\\n$`), reply);
+  return reply.trim().split(" ").slice(1).map(Number);
+}
+
+/** Resolves with the exit code once `proc` ends; fails after `timeoutMs`. */
+function exitOf(proc: Proc, timeoutMs = 15_000): Promise<number | null> {
+  const child = proc.child;
+  if (child.exitCode !== null || child.signalCode !== null) {
+    return Promise.resolve(child.exitCode);
+  }
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(
+      () => reject(new Error(`still running after ${timeoutMs} ms`)),
+      timeoutMs,
+    );
+    child.once("exit", (code) => {
+      clearTimeout(timer);
+      resolve(code);
+    });
+  });
+}
+
+/** Exit `code`, nothing on stdout, one line on stderr, no stack trace. */
+function assertOneLineError(
+  result: RunResult,
+  code: number,
+  what: string,
+): void {
+  assert.equal(
+    result.code,
+    code,
+    `${what}: exit ${result.code} ${result.stderr}`,
+  );
+  assert.equal(result.stdout, "", what);
+  assert.match(
+    result.stderr,
+    /^portpicker: [^\n]+\n$/,
+    `${what}: ${result.stderr}`,
+  );
+  assert.doesNotMatch(result.stderr, /^\s+at /m, what);
+}
+
+/** Claim files (`<port>.claim`) in a lock directory, by port. */
+function claimFiles(dir: string): Map<number, string> {
+  const out = new Map<number, string>();
+  for (const name of readdirSync(dir)) {
+    const match = /^(\d+)\.claim$/.exec(name);
+    if (match) out.set(Number(match[1]), readFileSync(join(dir, name), "utf8"));
+  }
+  return out;
+}
+
+/** How a child script runs on one of the three runtimes. */
+function commandOn(runtime: "deno" | "bun" | "node", path: string): string[] {
+  return runtime === "deno"
+    ? [tool("deno"), "run", "-A", "--no-config", "--unstable-net", path]
+    : [tool(runtime), path];
+}
+
+function countMatches(text: string, pattern: RegExp): number {
+  return [...text.matchAll(pattern)].length;
+}
+
+// ---------------------------------------------------------------------------
+// 1. Lock directories.
+
+const LOCK_CHILD = `
+import process from "node:process";
+import { existsSync } from "node:fs";
+import { pickUnusedPort } from ${JSON.stringify(MOD_URL)};
+const range = JSON.parse(process.env.TEST_RANGE);
+const lockDir = process.env.TEST_LOCK_OPTION;
+const ports = [];
+for (let i = 0; i < 100; i++) {
+  ports.push(await pickUnusedPort(lockDir ? { range, lockDir } : { range }));
+}
+console.log(JSON.stringify(ports));
+// Stay alive, holding the claims, until every child has picked.
+while (!existsSync(process.env.TEST_GO)) {
+  await new Promise((resolve) => setTimeout(resolve, 20));
+}
+`;
+
+test("lock directory: 16 processes on Deno, Bun and Node pick 100 ports each at once, all 1600 distinct; a normal exit removes the claims", async () => {
+  const range = await randomPool(2400);
+  const tmp = tempDir();
+  const lockDir = join(tmp.path, "locks");
+  const go = join(tmp.path, "go");
+  const script = join(tmp.path, "child.mts");
+  writeFileSync(script, LOCK_CHILD);
+  const runtimes = ["deno", "bun", "node"] as const;
+  const children: Proc[] = [];
+  try {
+    for (let i = 0; i < 16; i++) {
+      const byOption = i % 2 === 0;
+      children.push(start(commandOn(runtimes[i % 3], script), {
+        PORTSERVER_ADDRESS: undefined,
+        PORTPICKER_LOCK_DIR: byOption ? undefined : lockDir,
+        TEST_LOCK_OPTION: byOption ? lockDir : undefined,
+        TEST_RANGE: JSON.stringify(range),
+        TEST_GO: go,
+      }));
+    }
+    await Promise.all(children.map((c) => c.waitFor(/^\[.*\]\n/, 60_000)));
+    const owner = new Map<number, number>();
+    for (const child of children) {
+      const ports = JSON.parse(child.stdout()) as number[];
+      assertDistinct(ports, 100);
+      assertInPool(ports, range);
+      for (const port of ports) {
+        assert.ok(
+          !owner.has(port),
+          `port ${port} given to pids ${
+            owner.get(port)
+          } and ${child.child.pid}`,
+        );
+        owner.set(port, child.child.pid!);
+      }
+    }
+    assert.equal(owner.size, 1600);
+    // Every port is claimed, by the process that got it, while it lives.
+    const claims = claimFiles(lockDir);
+    assert.equal(claims.size, 1600);
+    for (const [port, pid] of owner) {
+      assert.equal(
+        claims.get(port),
+        `${pid} ${processStartTime(pid)}\n`,
+        `claim of ${port}`,
+      );
+    }
+    writeFileSync(go, "");
+    for (const child of children) {
+      assert.equal(await exitOf(child, 30_000), 0, child.stderr());
+    }
+    assert.deepEqual(readdirSync(lockDir), [], "left in the lock directory");
+  } finally {
+    writeFileSync(go, "");
+    await Promise.all(children.map((c) => c.stop("SIGKILL")));
+    tmp.remove();
+  }
+});
+
+test("lock directory: a claim of a dead owner is reclaimed, and returnPort removes the claim", async () => {
+  const [port] = await randomPool(1);
+  const dir = tempDir();
+  try {
+    const claim = join(dir.path, `${port}.claim`);
+    writeFileSync(claim, "999999 5\n");
+    assert.equal(
+      await pickUnusedPort({ range: [port, port], lockDir: dir.path }),
+      port,
+    );
+    assert.equal(
+      readFileSync(claim, "utf8"),
+      `${PID} ${processStartTime(PID)}\n`,
+    );
+    returnPort(port);
+    assert.equal(existsSync(claim), false, "returnPort left the claim");
+    // Returned, the port may be picked (and claimed) again.
+    assert.equal(
+      await pickUnusedPort({ range: [port, port], lockDir: dir.path }),
+      port,
+    );
+    assert.equal(existsSync(claim), true);
+    returnPort(port);
+    assert.equal(existsSync(claim), false);
+  } finally {
+    dir.remove();
+  }
+});
+
+test("lock directory: a claim of a live process (pid 1, this process) or an unreadable one makes the port unavailable", async () => {
+  const dir = tempDir();
+  try {
+    const [first] = await randomPool(3);
+    const contents = [
+      `1 ${processStartTime(1)}\n`,
+      `${PID} ${processStartTime(PID)}\n`,
+      "not a claim",
+    ];
+    for (const [i, content] of contents.entries()) {
+      const port = first + i;
+      const claim = join(dir.path, `${port}.claim`);
+      writeFileSync(claim, content);
+      await assert.rejects(
+        pickUnusedPort({ range: [port, port], lockDir: dir.path }),
+        (error) => {
+          assert.ok(error instanceof NoFreePortFoundError, `${error}`);
+          assert.equal(error.tried, 1);
+          return true;
+        },
+      );
+      assert.equal(readFileSync(claim, "utf8"), content);
+      // Without the lock directory, the port is free.
+      assert.equal(await isPortFree(port), true);
+    }
+  } finally {
+    dir.remove();
+  }
+});
+
+test("lock directory: CLI --lock-dir skips a port claimed by a live process, and its claim is gone after exit", async () => {
+  const [port] = await randomPool(1);
+  const dir = tempDir();
+  try {
+    const claim = join(dir.path, `${port}.claim`);
+    writeFileSync(claim, `1 ${processStartTime(1)}\n`);
+    const args = ["--lock-dir", dir.path, "--range", `${port}-${port}`];
+    const refused = await runCli(args);
+    assertOneLineError(refused, 1, "a claimed port");
+    assert.ok(refused.stderr.includes(`${port}-${port}`), refused.stderr);
+    writeFileSync(claim, "999999 5\n");
+    const result = await runCli(args);
+    assert.equal(result.code, 0, result.stderr);
+    assert.equal(result.stdout, `${port}\n`);
+    assert.deepEqual(readdirSync(dir.path), [], "claim left after exit");
+  } finally {
+    dir.remove();
+  }
+});
+
+test("lock directory: hold_seconds still holds the port with PORTPICKER_LOCK_DIR set", async () => {
+  const [port] = await randomPool(1);
+  const dir = tempDir();
+  try {
+    const result = await runCli(
+      ["--range", `${port}-${port}`, String(PID), "1"],
+      { env: { PORTPICKER_LOCK_DIR: dir.path } },
+    );
+    assert.equal(result.code, 0, result.stderr);
+    assert.equal(result.stdout, `${port}\n`);
+    assert.equal(result.stderr, "");
+    assert.equal(await isPortFree(port), false, "not held after the exit");
+    assert.deepEqual(readdirSync(dir.path), [], "claim left after exit");
+    await eventually(
+      "the port free after the hold",
+      () => isPortFree(port),
+      5_000,
+    );
+  } finally {
+    dir.remove();
+  }
+});
+
+// ---------------------------------------------------------------------------
+// 2. Reserved ports and the ephemeral range.
+
+test("reservedPorts() is exactly what ip_local_reserved_ports lists", () => {
+  const text = readFileSync(
+    "/proc/sys/net/ipv4/ip_local_reserved_ports",
+    "utf8",
+  );
+  const expected = new Set<number>();
+  for (const part of text.trim().split(",").filter((p) => p.trim())) {
+    const match = /^(\d+)(?:-(\d+))?$/.exec(part.trim());
+    assert.ok(match, `cannot parse ${JSON.stringify(part)}`);
+    for (let p = Number(match[1]); p <= Number(match[2] ?? match[1]); p++) {
+      expected.add(p);
+    }
+  }
+  assert.deepEqual(new Set(reservedPorts()), expected);
+});
+
+test("the server warns at start when its pool overlaps ip_local_port_range, and not otherwise", async () => {
+  const [low, high] = readFileSync(
+    "/proc/sys/net/ipv4/ip_local_port_range",
+    "utf8",
+  ).trim().split(/\s+/).map(Number);
+  assert.ok(high - low >= 10, `ephemeral range ${low}-${high}`);
+  const first = low + Math.floor(Math.random() * (high - low - 9));
+  const inside: [number, number] = [first, first + 9];
+  const outside = await randomPool(10);
+  assert.ok(outside[1] < low || outside[0] > high);
+  const warned = await startServer(inside, uniqueName("ext-eph"));
+  const quiet = await startServer(outside, uniqueName("ext-noeph"));
+  try {
+    const lines = warned.stderr().split("\n").filter((l) => l.startsWith("W"));
+    assert.equal(lines.length, 1, warned.stderr());
+    assert.match(
+      lines[0],
+      new RegExp(
+        `^W.* portserver\\] 10 ports of the pool lie in the kernel's ephemeral range ${low}-${high}\\b`,
+      ),
+    );
+    assert.doesNotMatch(quiet.stderr(), /ephemeral range/);
+  } finally {
+    await warned.stop();
+    await quiet.stop();
+  }
+});
+
+// ---------------------------------------------------------------------------
+// 3. The extended protocol, raw.
+
+test("protocol: TAKE count=3 label=x, STATUS, RETURN, and TAKE again gets the returned port", async () => {
+  const pool = await randomPool(4);
+  const address = uniqueName("ext-take");
+  const server = await startServer(pool, address);
+  try {
+    const before = Date.now();
+    const taken = okPorts(
+      await ask(address, `TAKE pid=${PID} count=3 label=x\n`),
+      3,
+    );
+    assertDistinct(taken, 3);
+    assertInPool(taken, pool);
+    // All or none: 1 port left, 2 asked for.
+    assert.match(
+      await ask(address, `TAKE pid=${PID} count=2\n`),
+      /^ERR [^\n]+\n$/,
+    );
+    const status = await rawStatus(address);
+    assert.equal(status.address, address);
+    assert.equal(status.pool, 4);
+    assert.equal(status.allocated, 3);
+    assert.deepEqual(status.allocations.map((a) => a.port), [...taken].sort());
+    for (const a of status.allocations) {
+      assert.equal(a.pid, PID);
+      assert.equal(a.label, "x");
+      assert.equal(a.lease, false);
+      assert.match(a.since, ISO_TIME);
+      const since = Date.parse(a.since);
+      assert.ok(since >= before - 1000 && since <= Date.now() + 1000, a.since);
+    }
+    assert.equal(
+      await ask(address, `RETURN pid=${PID} ports=${taken[0]}\n`),
+      `OK ${taken[0]}\n`,
+    );
+    const after = await rawStatus(address);
+    assert.deepEqual(
+      after.allocations.map((a) => a.port),
+      taken.slice(1).sort(),
+    );
+    // The last free port, then the returned one.
+    const again = okPorts(await ask(address, `TAKE pid=${PID} count=2\n`), 2);
+    assert.ok(again.includes(taken[0]), `${again} lacks ${taken[0]}`);
+    assert.deepEqual(
+      [...again, ...taken.slice(1)].sort(),
+      [pool[0], pool[0] + 1, pool[0] + 2, pool[1]],
+    );
+  } finally {
+    await server.stop();
+  }
+});
+
+test("protocol: RETURN of a port held by another pid is refused with ERR not held by pid", async () => {
+  const pool = await randomPool(3);
+  const address = uniqueName("ext-ret");
+  const server = await startServer(pool, address);
+  const other = start(["sleep", "600"]);
+  try {
+    const otherPid = other.child.pid!;
+    const [port] = okPorts(await ask(address, `TAKE pid=${otherPid}\n`), 1);
+    assert.equal(
+      await ask(address, `RETURN pid=${PID} ports=${port}\n`),
+      `ERR not held by pid ${PID}: ${port}\n`,
+    );
+    assert.equal((await held(address)).get(port)?.pid, otherPid);
+    assert.equal(
+      await ask(address, `RETURN pid=${otherPid} ports=${port}\n`),
+      `OK ${port}\n`,
+    );
+    assert.equal((await held(address)).has(port), false);
+  } finally {
+    await other.stop("SIGKILL");
+    await server.stop();
+  }
+});
+
+test("protocol: LEASE count=2 holds its ports while the connection is open, and frees them right after the client closes it", async () => {
+  const pool = await randomPool(5);
+  const address = uniqueName("ext-lease");
+  const server = await startServer(pool, address);
+  try {
+    const { line, socket } = await openLease(
+      address,
+      "LEASE count=2 label=l\n",
+    );
+    const ports = okPorts(line, 2);
+    try {
+      assertDistinct(ports, 2);
+      assertInPool(ports, pool);
+      await sleep(300);
+      const now = await held(address);
+      for (const port of ports) {
+        assert.deepEqual(
+          { ...now.get(port), since: "" },
+          { port, pid: null, lease: true, since: "", label: "l" },
+        );
+        assert.match(now.get(port)!.since, ISO_TIME);
+      }
+    } finally {
+      socket.end();
+    }
+    const ms = await eventually(
+      "lease freed",
+      () => noneHeld(address, ports),
+      1_000,
+    );
+    assert.ok(ms < 1_000);
+  } finally {
+    await server.stop();
+  }
+});
+
+test("protocol: a lease of a client process killed with SIGKILL is freed", async () => {
+  const pool = await randomPool(5);
+  const address = uniqueName("ext-lease-kill");
+  const server = await startServer(pool, address);
+  const dir = tempDir();
+  let client: Proc | undefined;
+  try {
+    const script = join(dir.path, "lease.mts");
+    writeFileSync(
+      script,
+      `import { leasePorts } from ${JSON.stringify(MOD_URL)};
+const lease = await leasePorts(2, { portserverAddress: ${
+        JSON.stringify(address)
+      }, label: "killed" });
+console.log(lease.ports.join(" "));
+setInterval(() => {}, 1000);
+`,
+    );
+    client = start(scriptCommand(script), { PORTSERVER_ADDRESS: undefined });
+    await client.waitFor(/^\d+ \d+\n/, 30_000);
+    const ports = client.stdout().trim().split(" ").map(Number);
+    assertInPool(ports, pool);
+    await sleep(300);
+    const now = await held(address);
+    for (const port of ports) {
+      assert.equal(now.get(port)?.lease, true, `${port} not leased`);
+      assert.equal(now.get(port)?.pid, null);
+      assert.equal(now.get(port)?.label, "killed");
+    }
+    await client.stop("SIGKILL");
+    await eventually("killed lease freed", () => noneHeld(address, ports));
+  } finally {
+    await client?.stop("SIGKILL");
+    await server.stop();
+    dir.remove();
+  }
+});
+
+test("protocol: each bad extended request gets one ERR line and the server goes on serving; a classic request still gets exactly digits and a newline", async () => {
+  const pool = await randomPool(3);
+  const address = uniqueName("ext-bad");
+  const server = await startServer(pool, address);
+  try {
+    const bad = [
+      `TAKE pid=${PID} count=0\n`,
+      `TAKE pid=${PID} count=1001\n`,
+      `TAKE pid=${PID} label=${"a".repeat(101)}\n`,
+      `TAKE count=1\n`,
+      `TAKE pid=${PID} label=caf\u00e9\n`,
+      `TAKE pid=${PID} colour=red\n`,
+      `TAKE pid=1\n`,
+      `TAKE pid=999999999\n`,
+      `LEASE count=abc\n`,
+      `RETURN pid=${PID}\n`,
+      `STATUS now\n`,
+    ];
+    for (const request of bad) {
+      const reply = await ask(address, request);
+      assert.match(
+        reply,
+        /^ERR [^\n]+\n$/,
+        `${JSON.stringify(request)}: ${reply}`,
+      );
+      assert.match(await ask(address, `${PID}\n`), /^\d+\n$/);
+      const freed = Number((await rawStatus(address)).allocations[0].port);
+      assert.equal(
+        await ask(address, `RETURN pid=${PID} ports=${freed}\n`),
+        `OK ${freed}\n`,
+      );
+    }
+    // A word that is not a verb is a bad classic request: closed, nothing written.
+    assert.equal(await ask(address, "FROB pid=1\n"), "");
+    // A label of 100 characters is fine.
+    okPorts(
+      await ask(address, `TAKE pid=${PID} label=${"b".repeat(100)}\n`),
+      1,
+    );
+    assert.match(await ask(address, `${PID}\n`), /^\d+\n$/);
+    assert.equal(server.child.exitCode, null);
+  } finally {
+    await server.stop();
+  }
+});
+
+// ---------------------------------------------------------------------------
+// 4. The library on our server.
+
+test("library: pickUnusedPort with a label, pickUnusedPorts(5) in one TAKE, getPortServerStatus", async () => {
+  const pool = await randomPool(20);
+  const address = uniqueName("ext-lib");
+  const server = await startServer(pool, address, ["--verbose"]);
+  try {
+    const port = await pickUnusedPort({
+      portserverAddress: address,
+      label: "api-1",
+    });
+    assertInPool([port], pool);
+    const status = await getPortServerStatus(address);
+    assert.deepEqual(Object.keys(status).sort(), [
+      "address",
+      "allocated",
+      "allocations",
+      "pool",
+    ]);
+    assert.equal(status.address, address);
+    assert.equal(status.pool, 20);
+    assert.equal(status.allocated, 1);
+    assert.equal(status.allocations.length, 1);
+    const [a] = status.allocations;
+    assert.deepEqual({ ...a, since: "" }, {
+      port,
+      pid: PID,
+      lease: false,
+      since: "",
+      label: "api-1",
+    });
+    assert.match(a.since, ISO_TIME);
+
+    const ports = await pickUnusedPorts(5, { portserverAddress: address });
+    assertDistinct(ports, 5);
+    assertInPool(ports, pool);
+    assert.ok(!ports.includes(port));
+    await server.waitFor(/Allocated ports (\d+, ){4}\d+ to pid/);
+    const log = server.stderr();
+    assert.equal(countMatches(log, /Request TAKE /g), 2, log);
+    assert.equal(
+      countMatches(log, new RegExp(`Request TAKE pid=${PID} count=5\\.`, "g")),
+      1,
+      log,
+    );
+    assert.equal(countMatches(log, /Request on behalf of pid/g), 2, log);
+    const now = await held(address);
+    for (const p of ports) {
+      assert.equal(now.get(p)?.pid, PID);
+      assert.equal(now.get(p)?.label, null);
+    }
+  } finally {
+    await server.stop();
+  }
+});
+
+test("library: returnPort of a server port frees it on the server and does not keep it in the free set", async () => {
+  const pool = await randomPool(10);
+  const address = uniqueName("ext-libret");
+  const server = await startServer(pool, address, ["--verbose"]);
+  try {
+    const port = await pickUnusedPort({ portserverAddress: address });
+    assertInPool([port], pool);
+    assert.equal((await held(address)).get(port)?.pid, PID);
+    returnPort(port);
+    await eventually(
+      "the server frees the returned port",
+      () => noneHeld(address, [port]),
+    );
+    assert.match(
+      server.stderr(),
+      new RegExp(`Pid ${PID} returned ports ${port}\\.`),
+    );
+    const next = await pickUnusedPort({ portserverAddress: address });
+    assert.notEqual(
+      next,
+      port,
+      "the returned port was handed out again locally",
+    );
+    assert.equal(
+      (await held(address)).get(next)?.pid,
+      PID,
+      "not from the server",
+    );
+    assert.equal(countMatches(server.stderr(), /Request TAKE /g), 2);
+  } finally {
+    await server.stop();
+  }
+});
+
+test("library: leasePorts(2) with a label, release(), and await using", async () => {
+  const pool = await randomPool(6);
+  const address = uniqueName("ext-liblease");
+  const server = await startServer(pool, address);
+  try {
+    const lease = await leasePorts(2, {
+      portserverAddress: address,
+      label: "e2e",
+    });
+    assertDistinct([...lease.ports], 2);
+    assertInPool([...lease.ports], pool);
+    let now = await held(address);
+    for (const port of lease.ports) {
+      assert.equal(now.get(port)?.lease, true);
+      assert.equal(now.get(port)?.pid, null);
+      assert.equal(now.get(port)?.label, "e2e");
+    }
+    await lease.release();
+    await eventually(
+      "released lease freed",
+      () => noneHeld(address, [...lease.ports]),
+    );
+
+    let ports: number[] = [];
+    {
+      await using scoped = await leasePorts(1, { portserverAddress: address });
+      ports = [...scoped.ports];
+      assertInPool(ports, pool);
+      now = await held(address);
+      assert.equal(now.get(ports[0])?.lease, true);
+      assert.equal(now.get(ports[0])?.label, null);
+    }
+    await eventually("await using lease freed", () => noneHeld(address, ports));
+    await assert.rejects(
+      leasePorts(7, { portserverAddress: address }),
+      /refused the lease/,
+    );
+  } finally {
+    await server.stop();
+  }
+});
+
+test("library: returnPortsToServer frees a held port and throws for a port not held", async () => {
+  const pool = await randomPool(4);
+  const address = uniqueName("ext-libretsrv");
+  const server = await startServer(pool, address);
+  try {
+    const [a, b] = okPorts(await ask(address, `TAKE pid=${PID} count=2\n`), 2);
+    assert.deepEqual(await returnPortsToServer(address, [a]), [a]);
+    assert.equal((await held(address)).has(a), false);
+    const free = [pool[0], pool[0] + 1, pool[0] + 2, pool[1]].find((p) =>
+      p !== a && p !== b
+    )!;
+    await assert.rejects(
+      returnPortsToServer(address, [free]),
+      (error: Error) => {
+        assert.ok(error instanceof Error);
+        assert.match(
+          error.message,
+          new RegExp(`not held by pid ${PID}: ${free}`),
+        );
+        return true;
+      },
+    );
+    await assert.rejects(
+      returnPortsToServer(address, [b], { pid: PID + 1 }),
+      /not held by pid/,
+    );
+    assert.equal((await held(address)).get(b)?.pid, PID);
+  } finally {
+    await server.stop();
+  }
+});
+
+// ---------------------------------------------------------------------------
+// 5. Debian's Python server.
+
+test("Python server: a labelled pickUnusedPort falls back to the classic request once; pickUnusedPorts(3) gets 3 ports", async () => {
+  const pool = await randomPool(8);
+  const address = uniqueName("ext-py");
+  const server = await startPythonPortserver(address, spec(pool));
+  try {
+    const port = await pickUnusedPort({
+      portserverAddress: address,
+      label: "web",
+    });
+    assertInPool([port], pool);
+    await server.waitFor(/Request on behalf of pid/);
+    const log = server.stderr();
+    assert.equal(countMatches(log, /Could not parse request/g), 1, log);
+    assert.ok(
+      log.indexOf("Could not parse request") <
+        log.indexOf(`Request on behalf of pid ${PID}`),
+      log,
+    );
+    const ports = await pickUnusedPorts(3, { portserverAddress: address });
+    assertDistinct(ports, 3);
+    assertInPool(ports, pool);
+    assert.ok(!ports.includes(port));
+    await eventually(
+      "four classic requests logged",
+      () => countMatches(server.stderr(), /Request on behalf of pid/g) === 4,
+    );
+    assert.equal(countMatches(server.stderr(), /Could not parse request/g), 1);
+  } finally {
+    await server.stop();
+  }
+});
+
+test("Python server: returnPort keeps the classic behaviour (the port goes to the free set)", async () => {
+  const pool = await randomPool(4);
+  const address = uniqueName("ext-py-ret");
+  const server = await startPythonPortserver(address, spec(pool));
+  try {
+    const port = await pickUnusedPort({ portserverAddress: address });
+    assertInPool([port], pool);
+    returnPort(port);
+    assert.equal(await pickUnusedPort(), port);
+    await sleep(200);
+    assert.equal(countMatches(server.stderr(), /Could not parse request/g), 1);
+    assert.equal(countMatches(server.stderr(), /Request on behalf of pid/g), 1);
+  } finally {
+    await server.stop();
+  }
+});
+
+test("Python server: leasePorts, getPortServerStatus and returnPortsToServer throw naming the Python portserver; CLI status exits 1 with one line", async () => {
+  const pool = await randomPool(4);
+  const address = uniqueName("ext-py-status");
+  const server = await startPythonPortserver(address, spec(pool));
+  try {
+    await assert.rejects(
+      leasePorts(1, { portserverAddress: address }),
+      (error) => {
+        assert.ok(error instanceof Error);
+        assert.match(error.message, /Python portserver/);
+        return true;
+      },
+    );
+    await assert.rejects(getPortServerStatus(address), (error) => {
+      assert.ok(error instanceof Error);
+      assert.match(error.message, /Python portserver/);
+      return true;
+    });
+    await assert.rejects(
+      returnPortsToServer(address, [pool[0]]),
+      /Python portserver/,
+    );
+    const result = await runCli(["status", "--portserver", address]);
+    assertOneLineError(result, 1, "status on the Python server");
+    assert.match(result.stderr, /Python portserver/);
+    // The Python server still serves.
+    const port = await pickUnusedPort({ portserverAddress: address });
+    assertInPool([port], pool);
+  } finally {
+    await server.stop();
+  }
+});
+
+// ---------------------------------------------------------------------------
+// 6. The CLI on our server.
+
+test("CLI: -n 3 --label web, status (table and --json), return", async () => {
+  const pool = await randomPool(10);
+  const address = uniqueName("ext-cli");
+  const server = await startServer(pool, address);
+  const env = { PORTSERVER_ADDRESS: address };
+  try {
+    const picked = await runCli(["-n", "3", "--label", "web"], { env });
+    assert.equal(picked.code, 0, picked.stderr);
+    assert.match(picked.stdout, /^(\d+\n){3}$/);
+    const ports = picked.stdout.trim().split("\n").map(Number);
+    assertDistinct(ports, 3);
+    assertInPool(ports, pool);
+
+    const table = await runCli(["status"], { env });
+    assert.equal(table.code, 0, table.stderr);
+    const lines = table.stdout.trimEnd().split("\n");
+    assert.equal(lines[0], `3 of 10 ports held on ${address}`);
+    assert.match(lines[1], /^PORT\s+PID\s+SINCE\s+LABEL$/);
+    assert.equal(lines.length, 5, table.stdout);
+    const rows = lines.slice(2).map((line) => {
+      const m = /^(\d+)\s+(\d+)\s+(\S+)\s+(\S+)$/.exec(line);
+      assert.ok(m, `bad row ${JSON.stringify(line)}`);
+      assert.equal(Number(m[2]), PID);
+      assert.match(m[3], ISO_TIME);
+      assert.equal(m[4], "web");
+      return Number(m[1]);
+    });
+    assert.deepEqual(rows, [...ports].sort());
+
+    const json = await runCli(["status", "--json"], { env });
+    assert.equal(json.code, 0, json.stderr);
+    assert.match(json.stdout, /^\{[^\n]*\}\n$/);
+    const status = JSON.parse(json.stdout) as PortServerStatus;
+    assert.equal(status.address, address);
+    assert.equal(status.pool, 10);
+    assert.equal(status.allocated, 3);
+    for (const a of status.allocations) {
+      assert.ok(ports.includes(a.port));
+      assert.equal(a.pid, PID);
+      assert.equal(a.label, "web");
+      assert.equal(a.lease, false);
+    }
+
+    const returned = await runCli(["return", String(ports[0])], { env });
+    assert.equal(returned.code, 0, returned.stderr);
+    assert.equal(returned.stdout, "");
+    assert.equal((await held(address)).has(ports[0]), false);
+    assert.equal((await held(address)).get(ports[1])?.pid, PID);
+
+    const again = await runCli(["return", String(ports[0])], { env });
+    assertOneLineError(again, 1, "return of a port not held");
+    assert.match(again.stderr, /not held by pid/);
+  } finally {
+    await server.stop();
+  }
+});
+
+test("CLI: return with no port, status with no server, and bad --label are usage errors (exit 2, one line)", async () => {
+  const pool = await randomPool(2);
+  const address = uniqueName("ext-cli-usage");
+  const server = await startServer(pool, address);
+  try {
+    const cases: [string[], Record<string, string | undefined>][] = [
+      [["return"], { PORTSERVER_ADDRESS: address }],
+      [["status"], {}],
+      [["return", "20000"], {}],
+      [["--label", "a b"], { PORTSERVER_ADDRESS: address }],
+      [["--label", ""], { PORTSERVER_ADDRESS: address }],
+      [["--label", "x".repeat(101)], { PORTSERVER_ADDRESS: address }],
+      [["--label", "caf\u00e9"], { PORTSERVER_ADDRESS: address }],
+    ];
+    for (const [args, env] of cases) {
+      assertOneLineError(await runCli(args, { env }), 2, JSON.stringify(args));
+    }
+    assert.equal((await getPortServerStatus(address)).allocated, 0);
+  } finally {
+    await server.stop();
+  }
+});
+
+// ---------------------------------------------------------------------------
+// 7. The README's nc examples.
+
+test("README: the extended protocol's nc examples answer as their comments say", async () => {
+  const nc = await run(["sh", "-c", "command -v nc && nc -h 2>&1 | head -n 1"]);
+  assert.match(
+    nc.stdout,
+    /OpenBSD netcat/,
+    "OpenBSD nc is needed (apt-get install netcat-openbsd; .ci/run installs it)",
+  );
+  const readme = readFileSync(join(ROOT, "README.md"), "utf8");
+  const section = readme.indexOf("### The extended protocol");
+  assert.ok(section >= 0, "no extended protocol section");
+  const open = readme.indexOf("```sh\n", section);
+  const close = readme.indexOf("\n```", open + 6);
+  assert.ok(open > section && close > open);
+  assert.ok(
+    !readme.slice(section + 4, open).includes("\n#"),
+    "block outside the section",
+  );
+  const [serveLine, ...lines] = readme.slice(open + 6, close).split("\n");
+  const serve =
+    /^deno run -A cli\.ts serve --address (\S+) --pool (\d+)-(\d+) &$/.exec(
+      serveLine,
+    );
+  assert.ok(serve, `unexpected first line ${serveLine}`);
+  const [, readmeSocket, readmeFirst, readmeLast] = serve;
+  assert.equal(lines.length, 5);
+
+  const pool = await randomPool(100);
+  const dir = tempDir();
+  const socket = join(dir.path, "ports.sock");
+  const server = await startServer(pool, socket);
+  const mapPort = (n: string) =>
+    String(pool[0] + Number(n) - Number(readmeFirst));
+  try {
+    const script = ["set -m", `echo $$ > ${dir.path}/shell-pid`];
+    const expected: { comment: string; file: string }[] = [];
+    for (const [i, line] of lines.entries()) {
+      const m = /^(printf .*\| nc -U \S+)\s+# (.+)$/.exec(line);
+      assert.ok(m, `unexpected line ${line}`);
+      // The README's socket and pool ports become ours.
+      const command = m[1].replaceAll(readmeSocket, socket).replace(
+        /\b\d{5}\b/g,
+        (n) =>
+          Number(n) >= Number(readmeFirst) && Number(n) <= Number(readmeLast)
+            ? mapPort(n)
+            : n,
+      );
+      assert.notEqual(command, m[1], `no socket path in ${line}`);
+      const file = join(dir.path, `out${i}`);
+      expected.push({ comment: m[2], file });
+      if (m[2].includes("until ^C")) {
+        // Runs until ^C: wait for its reply, then interrupt it as ^C would.
+        script.push(
+          `${command} > ${file} &`,
+          `for i in $(seq 200); do [ -s ${file} ] && break; sleep 0.05; done`,
+          "kill -INT %%",
+          "wait",
+        );
+      } else {
+        script.push(`${command} > ${file}`);
+      }
+    }
+    const scriptPath = join(dir.path, "readme.sh");
+    writeFileSync(scriptPath, script.join("\n") + "\n");
+    const result = await run(["bash", scriptPath], { timeoutMs: 20_000 });
+    assert.equal(result.code, 0, `exit ${result.code}: ${result.stderr}`);
+    const shellPid = Number(readFileSync(join(dir.path, "shell-pid"), "utf8"));
+
+    let leased: number | undefined;
+    let taken: number[] = [];
+    for (const { comment, file } of expected) {
+      const out = readFileSync(file, "utf8");
+      const what = `${comment}: ${JSON.stringify(out)}`;
+      if (comment.startsWith("OK")) {
+        const ports = /^OK((?: \d+)+)/.exec(comment)![1].trim().split(" ").map(
+          mapPort,
+        );
+        assert.equal(out, `OK ${ports.join(" ")}\n`, what);
+        if (comment.includes("until ^C")) leased = Number(ports[0]);
+        else if (!taken.length) taken = ports.map(Number);
+      } else if (comment.startsWith("{")) {
+        assert.match(out, /^\{[^\n]*\}\n$/, what);
+        const status = JSON.parse(out) as PortServerStatus;
+        assert.equal(status.address, socket);
+        assert.deepEqual(
+          status.allocations.map((a) => [a.port, a.pid, a.label]),
+          taken.map((p) => [p, shellPid, "web"]),
+        );
+      } else {
+        const classic = /^(\d+) \(classic\)$/.exec(comment);
+        assert.ok(classic, `unexpected comment ${comment}`);
+        assert.equal(out, `${mapPort(classic[1])}\n`, what);
+      }
+    }
+    assert.ok(leased !== undefined && taken.length === 2);
+    // ^C ended the lease.
+    await eventually(
+      "the lease ended by ^C freed",
+      () => noneHeld(socket, [leased!]),
+    );
+  } finally {
+    await server.stop();
+    dir.remove();
+  }
+});
