@@ -156,11 +156,11 @@ export function start(
     err += c;
     wake();
   });
-  let done = false;
+  let closed = false;
   // "close", not "exit": by then all of its output has been read.
   const exited = new Promise<number | null>((resolve) => {
     child.on("close", (code) => {
-      done = true;
+      closed = true;
       wake();
       resolve(code);
     });
@@ -175,7 +175,7 @@ export function start(
           if (pattern.test(out) || pattern.test(err)) {
             done();
             resolve();
-          } else if (done) {
+          } else if (closed) {
             done();
             reject(new Error(`exited before ${pattern}: ${err}${out}`));
           }
@@ -195,7 +195,7 @@ export function start(
     async stop(signal = "SIGTERM") {
       // process.kill, not child.kill: Deno's node:child_process marks the
       // child as dead of any signal sent that way, even one it survives.
-      if (!done) {
+      if (!closed) {
         try {
           process.kill(child.pid!, signal);
         } catch { /* exited meanwhile */ }
