@@ -149,29 +149,48 @@ export function claimPort(dir: string, port: number): boolean {
       const seen = readOrUndefined(path);
       if (seen === undefined) continue;
       if (ownerAlive(seen)) return false;
-      // Stale: move it aside, then make sure what moved is what was judged
-      // stale; a fresh claim that slipped in meanwhile is put back.
-      const aside = `${draft}.stale`;
+      // Stale: take it over under a per-port lock, after a second look, by
+      // renaming the draft over it, so the claim file never goes missing.
+      const lock = `${path}.takeover`;
+      if (!lockTakeover(lock)) return false;
       try {
-        f.renameSync(path, aside);
-      } catch (error) {
-        if (errorCode(error) === "ENOENT") continue;
-        throw error;
+        const again = readOrUndefined(path);
+        if (again === undefined) continue; // released meanwhile: link again
+        if (ownerAlive(again)) return false;
+        f.renameSync(draft, path);
+        held.set(port, path);
+        return true;
+      } finally {
+        f.rmSync(lock, { recursive: true, force: true });
       }
-      const moved = f.readFileSync(aside, "utf8");
-      if (moved !== seen) {
-        try {
-          f.linkSync(aside, path);
-        } catch { /* a newer claim took the place: it wins */ }
-        f.unlinkSync(aside);
-        return false;
-      }
-      f.unlinkSync(aside);
     }
     return false;
   } finally {
     f.rmSync(draft, { force: true });
   }
+}
+
+/** A takeover lock older than this was left by a process that died in it. */
+const TAKEOVER_TIMEOUT_MS = 10_000;
+
+/** Takes the takeover lock of a claim; false while another process has it. */
+function lockTakeover(lock: string): boolean {
+  const f = fs();
+  for (let attempt = 0; attempt < 2; attempt++) {
+    try {
+      f.mkdirSync(lock);
+      return true;
+    } catch (error) {
+      if (errorCode(error) !== "EEXIST") throw error;
+    }
+    try {
+      if (Date.now() - f.statSync(lock).mtimeMs < TAKEOVER_TIMEOUT_MS) {
+        return false;
+      }
+      f.rmSync(lock, { recursive: true, force: true });
+    } catch { /* gone meanwhile: try again */ }
+  }
+  return false;
 }
 
 /**

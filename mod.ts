@@ -759,6 +759,19 @@ function checkCount(count: unknown): number {
   return count;
 }
 
+/** Runs `talk`; a connection error names the server it could not reach. */
+async function reach<T>(address: string, talk: () => Promise<T>): Promise<T> {
+  try {
+    return await talk();
+  } catch (error) {
+    const { message } = (error ?? {}) as ErrorWithCode;
+    throw new Error(
+      `Cannot reach the port server at ${address}: ${message ?? error}`,
+      { cause: error },
+    );
+  }
+}
+
 /**
  * Sends an extended request. Returns the reply line, or undefined when the
  * server closed without one (the Python server).
@@ -768,7 +781,10 @@ async function extendedRequest(
   request: string,
   limit = REPLY_LIMIT,
 ): Promise<string | undefined> {
-  const reply = await portServerRequest(address, request, limit);
+  const reply = await reach(
+    address,
+    () => portServerRequest(address, request, limit),
+  );
   const supported = reply.length > 0;
   extendedServers.set(address, supported);
   return supported ? reply.trimEnd() : undefined;
@@ -791,33 +807,32 @@ async function takeFromServer(
   count: number,
   label: string | undefined,
 ): Promise<number[] | undefined> {
-  {
-    if (extendedServers.get(address) !== false) {
-      let reply: string | undefined;
-      try {
-        reply = await extendedRequest(
-          address,
-          `TAKE pid=${pid} count=${count}${label ? ` label=${label}` : ""}\n`,
-        );
-      } catch (error) {
-        const { message } = (error ?? {}) as ErrorWithCode;
-        console.error(
-          `Socket error when connecting to portserver: ${message ?? error}`,
-        );
+  if (extendedServers.get(address) !== false) {
+    let reply: string | undefined;
+    try {
+      reply = await extendedRequest(
+        address,
+        `TAKE pid=${pid} count=${count}${label ? ` label=${label}` : ""}\n`,
+      );
+    } catch (error) {
+      // The Python client's words, with the socket's own message.
+      const { message } = ((error as Error).cause ?? error) as ErrorWithCode;
+      console.error(
+        `Socket error when connecting to portserver: ${message ?? error}`,
+      );
+      return undefined;
+    }
+    if (reply !== undefined) {
+      const ports = parsePorts(reply);
+      if (!ports) {
+        console.error("Portserver failed to find a port.");
         return undefined;
       }
-      if (reply !== undefined) {
-        const ports = parsePorts(reply);
-        if (!ports) {
-          console.error("Portserver failed to find a port.");
-          return undefined;
-        }
-        for (const port of ports) {
-          ownedPorts.add(port);
-          serverPorts.set(port, { address, pid });
-        }
-        return ports;
+      for (const port of ports) {
+        ownedPorts.add(port);
+        serverPorts.set(port, { address, pid });
       }
+      return ports;
     }
   }
   const ports: number[] = [];
@@ -946,7 +961,7 @@ export async function leasePorts(
       "A lease needs a port server: pass portserverAddress or set PORTSERVER_ADDRESS",
     );
   }
-  const connection = await connectServer(address);
+  const connection = await reach(address, () => connectServer(address));
   const timer = setTimeout(() => connection.close(), SERVER_TIMEOUT_MS);
   let reply = "";
   try {

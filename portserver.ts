@@ -207,6 +207,12 @@ class Pool {
     this.#allocations.set(port, { owner, since, label });
   }
 
+  /** Whether `pid` holds `port`. */
+  holds(port: number, pid: number): boolean {
+    const allocation = this.#allocations.get(port);
+    return pid !== 0 && allocation?.owner.pid === pid;
+  }
+
   /** Frees one port, if `pid` holds it. */
   releasePort(port: number, pid: number): boolean {
     const allocation = this.#allocations.get(port);
@@ -673,13 +679,15 @@ class Server implements PortServer {
         };
       }
       case "RETURN": {
-        const freed: number[] = [];
-        const refused: number[] = [];
-        for (const port of request.ports) {
-          (this.#pool.releasePort(port, request.pid!) ? freed : refused).push(
-            port,
+        // All or nothing, so that the client knows what it still holds.
+        const refused = request.ports.filter((port) =>
+          !this.#pool.holds(port, request.pid!)
+        );
+        const freed = refused.length
+          ? []
+          : request.ports.filter((port) =>
+            this.#pool.releasePort(port, request.pid!)
           );
-        }
         if (freed.length) {
           this.info(`Pid ${request.pid} returned ports ${freed.join(", ")}.`);
           await this.#save();

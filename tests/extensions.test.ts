@@ -7,7 +7,13 @@
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { existsSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
+import {
+  existsSync,
+  mkdirSync,
+  readdirSync,
+  readFileSync,
+  writeFileSync,
+} from "node:fs";
 import { connect, type Socket } from "node:net";
 import { join } from "node:path";
 import {
@@ -417,6 +423,144 @@ test("lock directory: a claim of a live process (pid 1, this process) or an unre
   }
 });
 
+const CLAIMS_URL = MOD_URL.replace(/mod\.ts$/, "claims.ts");
+
+/** Picks, holds for a millisecond, checks its claim file, returns; repeats. */
+const CONTENDER = `
+import process from "node:process";
+import { existsSync, readFileSync } from "node:fs";
+import { NoFreePortFoundError, pickUnusedPort, returnPort } from ${
+  JSON.stringify(MOD_URL)
+};
+import { processStartTime } from ${JSON.stringify(CLAIMS_URL)};
+const env = process.env;
+const range = JSON.parse(env.TEST_RANGE);
+const mine = \`\${process.pid} \${processStartTime(process.pid)}\\n\`;
+const read = (path) => {
+  try {
+    return readFileSync(path, "utf8");
+  } catch {
+    return "(no claim file)";
+  }
+};
+console.log("ready");
+while (!existsSync(env.TEST_GO)) await new Promise((r) => setTimeout(r, 2));
+const deadline = Date.now() + Number(env.TEST_MS);
+let picks = 0;
+while (Date.now() < deadline && !existsSync(env.TEST_STOP)) {
+  let port;
+  try {
+    port = await pickUnusedPort({ range, lockDir: env.TEST_DIR });
+  } catch (error) {
+    if (!(error instanceof NoFreePortFoundError)) throw error;
+    await new Promise((r) => setImmediate(r));
+    continue;
+  }
+  picks++;
+  await new Promise((r) => setTimeout(r, 1));
+  // This process is alive and has not returned the port: the claim is its own.
+  const claim = read(\`\${env.TEST_DIR}/\${port}.claim\`);
+  if (claim !== mine) console.log(\`LOST \${port} \${JSON.stringify(claim)}\`);
+  returnPort(port);
+}
+console.log(\`picks \${picks}\`);
+`;
+
+/** Dead owners' claims keep appearing, as when workers crash: made exclusively. */
+const CRASHED_OWNERS = `
+import process from "node:process";
+import { existsSync, linkSync, writeFileSync } from "node:fs";
+const env = process.env;
+const [first, last] = JSON.parse(env.TEST_RANGE);
+const source = \`\${env.TEST_DIR}/../dead-claim\`;
+writeFileSync(source, "999999 5\\n");
+console.log("ready");
+while (!existsSync(env.TEST_GO)) await new Promise((r) => setTimeout(r, 2));
+const deadline = Date.now() + Number(env.TEST_MS);
+let made = 0;
+while (Date.now() < deadline && !existsSync(env.TEST_STOP)) {
+  for (let port = first; port <= last; port++) {
+    try {
+      linkSync(source, \`\${env.TEST_DIR}/\${port}.claim\`);
+      made++;
+    } catch { /* claimed */ }
+  }
+  await new Promise((r) => setImmediate(r));
+}
+console.log(\`made \${made}\`);
+`;
+
+test("lock directory: taking over dead owners' claims never takes a live claim away (4 processes contend for 3 ports)", async () => {
+  const range = await randomPool(3);
+  const tmp = tempDir();
+  const lockDir = join(tmp.path, "locks");
+  mkdirSync(lockDir);
+  const go = join(tmp.path, "go");
+  const stop = join(tmp.path, "stop");
+  writeFileSync(join(tmp.path, "contender.mts"), CONTENDER);
+  writeFileSync(join(tmp.path, "crashed.mts"), CRASHED_OWNERS);
+  const env = {
+    PORTSERVER_ADDRESS: undefined,
+    PORTPICKER_LOCK_DIR: undefined,
+    TEST_RANGE: JSON.stringify(range),
+    TEST_DIR: lockDir,
+    TEST_GO: go,
+    TEST_STOP: stop,
+    TEST_MS: "6000",
+  };
+  const crashed = start(
+    commandOn("node", join(tmp.path, "crashed.mts")),
+    env,
+  );
+  const contenders = (["deno", "bun", "node", "bun"] as const).map((rt) =>
+    start(commandOn(rt, join(tmp.path, "contender.mts")), env)
+  );
+  const all = [crashed, ...contenders];
+  try {
+    await Promise.all(all.map((p) => p.waitFor(/^ready\n/, 30_000)));
+    writeFileSync(go, "");
+    // Stop at the first lost claim; else run to the end.
+    const running = () => all.some((p) => p.child.exitCode === null);
+    const ended = Date.now() + 30_000;
+    while (running() && Date.now() < ended) {
+      if (contenders.some((p) => p.stdout().includes("LOST"))) {
+        writeFileSync(stop, "");
+      }
+      await sleep(50);
+    }
+    writeFileSync(stop, "");
+    for (const p of all) assert.equal(await exitOf(p, 10_000), 0, p.stderr());
+    const made = Number(/made (\d+)/.exec(crashed.stdout())?.[1]);
+    const picks = contenders.map((p) =>
+      Number(/picks (\d+)/.exec(p.stdout())?.[1])
+    );
+    assert.ok(made > 0, `no dead owner's claim made: ${crashed.stdout()}`);
+    const pids = new Map(contenders.map((p) => [p.child.pid!, p]));
+    const lost = contenders.flatMap((p) =>
+      [...p.stdout().matchAll(/^LOST (\d+) "(.*)"$/gm)].map((m) => {
+        const thief = Number(/^(\d+) /.exec(m[2])?.[1]);
+        return `pid ${p.child.pid} lost its live claim of port ${m[1]} to ${
+          pids.has(thief)
+            ? `live contender pid ${thief}`
+            : `a dead owner's claim "${m[2]}"`
+        }`;
+      })
+    );
+    assert.deepEqual(
+      lost,
+      [],
+      `${lost.length} live claims taken away in ${
+        picks.reduce((a, b) => a + b)
+      } picks: ${lost.slice(0, 5).join("; ")}`,
+    );
+    for (const n of picks) assert.ok(n >= 50, `too few picks: ${picks}`);
+  } finally {
+    writeFileSync(stop, "");
+    await Promise.all(all.map((p) => p.stop("SIGKILL")));
+    tmp.remove();
+  }
+});
+
 test("lock directory: CLI --lock-dir skips a port claimed by a live process, and its claim is gone after exit", async () => {
   const [port] = await randomPool(1);
   const dir = tempDir();
@@ -743,7 +887,7 @@ test("library: pickUnusedPort with a label, pickUnusedPorts(5) in one TAKE, getP
     assertDistinct(ports, 5);
     assertInPool(ports, pool);
     assert.ok(!ports.includes(port));
-    await server.waitFor(/Allocated ports (\d+, ){4}\d+ to pid/);
+    await server.waitFor(/Allocated ports (\d+, ){4}\d+ to pid/, 5_000);
     const log = server.stderr();
     assert.equal(countMatches(log, /Request TAKE /g), 2, log);
     assert.equal(
@@ -775,9 +919,9 @@ test("library: returnPort of a server port frees it on the server and does not k
       "the server frees the returned port",
       () => noneHeld(address, [port]),
     );
-    assert.match(
-      server.stderr(),
+    await server.waitFor(
       new RegExp(`Pid ${PID} returned ports ${port}\\.`),
+      2_000,
     );
     const next = await pickUnusedPort({ portserverAddress: address });
     assert.notEqual(
@@ -790,6 +934,7 @@ test("library: returnPort of a server port frees it on the server and does not k
       PID,
       "not from the server",
     );
+    await server.waitFor(new RegExp(`Allocated ports ${next} to pid`), 2_000);
     assert.equal(countMatches(server.stderr(), /Request TAKE /g), 2);
   } finally {
     await server.stop();
@@ -914,6 +1059,8 @@ test("Python server: returnPort keeps the classic behaviour (the port goes to th
     assertInPool([port], pool);
     returnPort(port);
     assert.equal(await pickUnusedPort(), port);
+    // Nothing more was asked of the server: no RETURN, no second request.
+    await server.waitFor(/Request on behalf of pid/, 5_000);
     await sleep(200);
     assert.equal(countMatches(server.stderr(), /Could not parse request/g), 1);
     assert.equal(countMatches(server.stderr(), /Request on behalf of pid/g), 1);
@@ -947,9 +1094,17 @@ test("Python server: leasePorts, getPortServerStatus and returnPortsToServer thr
     const result = await runCli(["status", "--portserver", address]);
     assertOneLineError(result, 1, "status on the Python server");
     assert.match(result.stderr, /Python portserver/);
-    // The Python server still serves.
+    // The Python server still serves, the CLI too (the label is lost there).
     const port = await pickUnusedPort({ portserverAddress: address });
     assertInPool([port], pool);
+    const cli = await runCli(["-n", "2", "--label", "web"], {
+      env: { PORTSERVER_ADDRESS: address },
+    });
+    assert.equal(cli.code, 0, cli.stderr);
+    assert.equal(cli.stderr, "");
+    const ports = cli.stdout.trim().split("\n").map(Number);
+    assertDistinct(ports, 2);
+    assertInPool(ports, pool);
   } finally {
     await server.stop();
   }
@@ -1006,6 +1161,20 @@ test("CLI: -n 3 --label web, status (table and --json), return", async () => {
     assert.equal(returned.stdout, "");
     assert.equal((await held(address)).has(ports[0]), false);
     assert.equal((await held(address)).get(ports[1])?.pid, PID);
+
+    // A lease shows as "lease" in the PID column.
+    const lease = await leasePorts(1, { portserverAddress: address });
+    try {
+      const withLease = await runCli(["status"], { env });
+      assert.equal(withLease.code, 0, withLease.stderr);
+      assert.match(
+        withLease.stdout,
+        new RegExp(`^${lease.ports[0]}\\s+lease\\s+\\S+$`, "m"),
+      );
+      assert.match(withLease.stdout, /^3 of 10 ports held on /);
+    } finally {
+      await lease.release();
+    }
 
     const again = await runCli(["return", String(ports[0])], { env });
     assertOneLineError(again, 1, "return of a port not held");
