@@ -203,7 +203,7 @@ const STARTUP_NAMES: Record<Startup, string> = {
   deno: "`deno run -A cli.ts`",
   bun: "`bun cli.ts`",
   node: "`node cli.ts`",
-  binary: "compiled binary (`bun build --compile`)",
+  binary: "compiled binary (`bun build --compile --minify --bytecode`)",
   python: "`python3 -m portpicker`",
 };
 
