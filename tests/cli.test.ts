@@ -45,8 +45,15 @@ function printedPorts(result: RunResult, count: number): number[] {
   return ports;
 }
 
-/** The pids a Python port server was asked for, from its log. */
-function requestedPids(server: Proc): number[] {
+/**
+ * The pids a Python port server was asked for, from its log, once `count` of
+ * them are there (the log may reach us after the reply).
+ */
+async function requestedPids(server: Proc, count: number): Promise<number[]> {
+  await server.waitFor(
+    new RegExp(`(?:Request on behalf of pid \\d+[\\s\\S]*){${count}}`),
+    5_000,
+  );
   return [...server.stderr().matchAll(/Request on behalf of pid (\d+)/g)].map((
     m,
   ) => Number(m[1]));
@@ -178,7 +185,7 @@ test("the pid argument is told to the port server", async () => {
       1,
     );
     assert.ok(inRange(port, pool), `${port} not from the pool ${pool}`);
-    assert.deepEqual(requestedPids(server), [pid]);
+    assert.deepEqual(await requestedPids(server, 1), [pid]);
   } finally {
     await server.stop();
   }
@@ -194,7 +201,7 @@ test("without a pid, the port server is told the parent's pid", async () => {
       1,
     );
     assert.ok(inRange(port, pool), `${port} not from the pool ${pool}`);
-    assert.deepEqual(requestedPids(server), [process.pid]);
+    assert.deepEqual(await requestedPids(server, 1), [process.pid]);
   } finally {
     await server.stop();
   }
@@ -212,7 +219,10 @@ test("--portserver ADDRESS gets the port from that server's pool", async () => {
     for (const port of ports) {
       assert.ok(inRange(port, pool), `${port} not from the pool ${pool}`);
     }
-    assert.deepEqual(requestedPids(server), [process.pid, process.pid]);
+    assert.deepEqual(await requestedPids(server, 2), [
+      process.pid,
+      process.pid,
+    ]);
   } finally {
     await server.stop();
   }
@@ -453,7 +463,7 @@ test("compiled binary: the pid argument is told to the port server", async () =>
       inRange(a, pool) && inRange(b, pool),
       `${a}, ${b} not from the pool ${pool}`,
     );
-    assert.deepEqual(requestedPids(server), [pid, process.pid]);
+    assert.deepEqual(await requestedPids(server, 2), [pid, process.pid]);
   } finally {
     await server.stop();
   }

@@ -424,9 +424,9 @@ test("getPortFromPortServer gets distinct ports of the pool from the Python serv
   const server = await startPythonPortserver(address, `${pool[0]}-${pool[1]}`);
   try {
     await askPythonServer(address, pool, 4);
-    assert.match(
-      server.stderr(),
+    await server.waitFor(
       new RegExp(`Request on behalf of pid ${process.pid}\\b`),
+      5_000,
     );
   } finally {
     await server.stop();
@@ -469,7 +469,8 @@ console.log(JSON.stringify(ports));
     );
     const lines = result.stderr.split("\n").filter((line) => line.trim());
     assert.deepEqual(lines, ["Portserver failed to find a port."]);
-    assert.match(server.stderr(), /All ports in use/);
+    // The log line may reach us after the reply: wait for it.
+    await server.waitFor(/All ports in use/, 5_000);
   } finally {
     await server.stop();
   }
@@ -509,7 +510,8 @@ test("getPortFromPortServer returns undefined when the Python server refuses", a
       await getPortFromPortServer(address, { pid: process.pid }),
       undefined,
     );
-    assert.match(server.stderr(), /All ports in use/);
+    // The log line may reach us after the reply: wait for it.
+    await server.waitFor(/All ports in use/, 5_000);
   } finally {
     await server.stop();
   }
@@ -563,9 +565,9 @@ console.log(JSON.stringify({ pid: process.pid, port: await pickUnusedPort() }));
       port >= pool[0] && port <= pool[1],
       `${port} outside the pool ${pool}`,
     );
-    assert.match(
-      server.stderr(),
+    await server.waitFor(
       new RegExp(`Request on behalf of pid ${pid}\\b`),
+      5_000,
     );
   } finally {
     await server.stop();
