@@ -27,6 +27,7 @@ import {
   returnPort,
   returnPortsToServer,
 } from "../mod.ts";
+import { poolSpec, randomPool } from "./server_helpers.ts";
 import { processStartTime, reservedPorts } from "../claims.ts";
 import {
   MOD_URL,
@@ -51,32 +52,7 @@ const ISO_TIME = /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/;
 // ---------------------------------------------------------------------------
 // Helpers of this file.
 
-/** Ranges handed out by {@linkcode randomPool} in this process. */
-const usedRanges: [number, number][] = [];
-
-/**
- * `size` ports with a random base in 20000–32000, overlapping no range given
- * before in this process; ranges of up to 100 ports are checked free now.
- */
-async function randomPool(size: number): Promise<[number, number]> {
-  const low = 20000;
-  const high = 32000 - size + 1;
-  for (let attempt = 0; attempt < 500; attempt++) {
-    const first = low + Math.floor(Math.random() * (high - low + 1));
-    const last = first + size - 1;
-    if (usedRanges.some(([a, b]) => first <= b && a <= last)) continue;
-    let ok = true;
-    for (let port = first; size <= 100 && port <= last && ok; port++) {
-      ok = await isPortFree(port);
-    }
-    if (!ok) continue;
-    usedRanges.push([first, last]);
-    return [first, last];
-  }
-  throw new Error(`no free range of ${size} ports in ${low}-32000`);
-}
-
-const spec = (range: readonly [number, number]) => `${range[0]}-${range[1]}`;
+const spec = poolSpec;
 
 function assertInPool(ports: number[], pool: readonly [number, number]): void {
   for (const port of ports) {
