@@ -896,19 +896,12 @@ export async function returnPortsToServer(
   return freed;
 }
 
-/** Returns made by {@linkcode returnPort}, still on their way. */
-const pendingReturns = new Set<Promise<void>>();
-
 /** Tells the server a port came back; on the Python server, keeps it locally. */
 function returnToServer(port: number, address: string, pid: number): void {
-  const done = returnPortsToServer(address, [port], { pid }).then(
-    () => {},
-    () => {
-      // The Python server keeps the port for this process: reuse it here.
-      if (extendedServers.get(address) === false) freePorts.add(port);
-    },
-  ).finally(() => pendingReturns.delete(done));
-  pendingReturns.add(done);
+  returnPortsToServer(address, [port], { pid }).catch(() => {
+    // The Python server keeps the port for this process: reuse it here.
+    if (extendedServers.get(address) === false) freePorts.add(port);
+  });
 }
 
 /** A lease: ports held by the server for as long as its connection is open. */
@@ -1144,15 +1137,15 @@ function allowed(port: number, p: Plan, taken: Set<number>): boolean {
 
 const NOTHING_HELD: Held["release"] = () => Promise.resolve();
 
+/** What releases the sockets that hold a port. */
+function closing(sockets: BoundSocket[]): Held["release"] {
+  return async () => void await Promise.all(sockets.map((s) => s.close()));
+}
+
 /** Holds a port that was checked elsewhere; if it cannot, hands it out unheld. */
 async function tryHold(port: number, hold: boolean): Promise<Held> {
   const sockets = hold ? await holdPort(port) : undefined;
-  return {
-    port,
-    release: sockets
-      ? async () => void await Promise.all(sockets.map((s) => s.close()))
-      : NOTHING_HELD,
-  };
+  return { port, release: sockets ? closing(sockets) : NOTHING_HELD };
 }
 
 /**
@@ -1163,11 +1156,7 @@ async function claim(port: number, hold: boolean): Promise<Held | undefined> {
   if (!(await isFree(port))) return undefined;
   if (!hold) return { port, release: NOTHING_HELD };
   const sockets = await holdPort(port);
-  if (!sockets) return undefined;
-  return {
-    port,
-    release: async () => void await Promise.all(sockets.map((s) => s.close())),
-  };
+  return sockets ? { port, release: closing(sockets) } : undefined;
 }
 
 /**
