@@ -1053,6 +1053,7 @@ function currentPid(): number {
 }
 
 let envWarned = false;
+const envAccess: Record<string, Deno.PermissionState> = {};
 
 /**
  * Reads an environment variable; on Deno without `--allow-env` for it, says
@@ -1060,7 +1061,9 @@ let envWarned = false;
  */
 function readEnv(name: string): string | undefined {
   if (!deno) return runtime.process?.env?.[name];
-  const { state } = deno.permissions.querySync({ name: "env", variable: name });
+  // Asked once per variable: a grant lasts, and asking costs every pick.
+  const state = envAccess[name] ??=
+    deno.permissions.querySync({ name: "env", variable: name }).state;
   if (state !== "granted") {
     if (!envWarned) {
       envWarned = true;
