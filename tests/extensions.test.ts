@@ -27,7 +27,13 @@ import {
   returnPort,
   returnPortsToServer,
 } from "../mod.ts";
-import { poolSpec, randomPool } from "./server_helpers.ts";
+import {
+  poolSpec,
+  randomPool,
+  socketPath,
+  startServer,
+  withServer,
+} from "./server_helpers.ts";
 import { processStartTime, reservedPorts } from "../claims.ts";
 import {
   MOD_URL,
@@ -36,7 +42,6 @@ import {
   run,
   runCli,
   type RunResult,
-  runtimeCommand,
   scriptCommand,
   sleep,
   start,
@@ -52,13 +57,11 @@ const ISO_TIME = /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/;
 // ---------------------------------------------------------------------------
 // Helpers of this file.
 
-const spec = poolSpec;
-
 function assertInPool(ports: number[], pool: readonly [number, number]): void {
   for (const port of ports) {
     assert.ok(
       Number.isInteger(port) && port >= pool[0] && port <= pool[1],
-      `${port} is not in the pool ${spec(pool)}`,
+      `${port} is not in the pool ${poolSpec(pool)}`,
     );
   }
 }
@@ -66,38 +69,6 @@ function assertInPool(ports: number[], pool: readonly [number, number]): void {
 function assertDistinct(ports: number[], count: number): void {
   assert.equal(ports.length, count, `${ports}`);
   assert.equal(new Set(ports).size, count, `not distinct: ${ports}`);
-}
-
-/** Starts our server (`cli.ts serve`) on the runtime running the test. */
-async function startServer(
-  pool: readonly [number, number],
-  address: string,
-  extra: string[] = [],
-): Promise<Proc> {
-  const proc = start(
-    [
-      ...runtimeCommand("cli.ts"),
-      "serve",
-      "--pool",
-      spec(pool),
-      "--address",
-      address,
-      ...extra,
-    ],
-    { PORTSERVER_ADDRESS: undefined, PORTPICKER_LOCK_DIR: undefined },
-  );
-  try {
-    await proc.waitFor(/Serving on/, 30_000);
-  } catch (error) {
-    await proc.stop("SIGKILL");
-    throw error;
-  }
-  return proc;
-}
-
-/** The node:net path of `@name` (abstract) or a socket file. */
-function netPath(address: string): string {
-  return address.startsWith("@") ? `\0${address.slice(1)}` : address;
 }
 
 /**
@@ -111,7 +82,7 @@ function ask(
 ): Promise<string> {
   return new Promise((resolve, reject) => {
     const chunks: Buffer[] = [];
-    const socket = connect({ path: netPath(address) }, () => {
+    const socket = connect({ path: socketPath(address) }, () => {
       socket.end(request);
     });
     const timer = setTimeout(() => {
@@ -137,7 +108,7 @@ function openLease(
 ): Promise<{ line: string; socket: Socket }> {
   return new Promise((resolve, reject) => {
     let text = "";
-    const socket = connect({ path: netPath(address) }, () => {
+    const socket = connect({ path: socketPath(address) }, () => {
       socket.write(request);
     });
     const timer = setTimeout(() => {
@@ -609,8 +580,18 @@ test("the server warns at start when its pool overlaps ip_local_port_range, and 
   const inside: [number, number] = [first, first + 9];
   const outside = await randomPool(10);
   assert.ok(outside[1] < low || outside[0] > high);
-  const warned = await startServer(inside, uniqueName("ext-eph"));
-  const quiet = await startServer(outside, uniqueName("ext-noeph"));
+  const warned = await startServer([
+    "--pool",
+    poolSpec(inside),
+    "--address",
+    uniqueName("ext-eph"),
+  ]);
+  const quiet = await startServer([
+    "--pool",
+    poolSpec(outside),
+    "--address",
+    uniqueName("ext-noeph"),
+  ]);
   try {
     const lines = warned.stderr().split("\n").filter((l) => l.startsWith("W"));
     assert.equal(lines.length, 1, warned.stderr());
@@ -631,60 +612,69 @@ test("the server warns at start when its pool overlaps ip_local_port_range, and 
 // 3. The extended protocol, raw.
 
 test("protocol: TAKE count=3 label=x, STATUS, RETURN, and TAKE again gets the returned port", async () => {
-  const pool = await randomPool(4);
-  const address = uniqueName("ext-take");
-  const server = await startServer(pool, address);
-  try {
-    const before = Date.now();
-    const taken = okPorts(
-      await ask(address, `TAKE pid=${PID} count=3 label=x\n`),
-      3,
-    );
-    assertDistinct(taken, 3);
-    assertInPool(taken, pool);
-    // All or none: 1 port left, 2 asked for.
-    assert.match(
-      await ask(address, `TAKE pid=${PID} count=2\n`),
-      /^ERR [^\n]+\n$/,
-    );
-    const status = await rawStatus(address);
-    assert.equal(status.address, address);
-    assert.equal(status.pool, 4);
-    assert.equal(status.allocated, 3);
-    assert.deepEqual(status.allocations.map((a) => a.port), [...taken].sort());
-    for (const a of status.allocations) {
-      assert.equal(a.pid, PID);
-      assert.equal(a.label, "x");
-      assert.equal(a.lease, false);
-      assert.match(a.since, ISO_TIME);
-      const since = Date.parse(a.since);
-      assert.ok(since >= before - 1000 && since <= Date.now() + 1000, a.since);
-    }
-    assert.equal(
-      await ask(address, `RETURN pid=${PID} ports=${taken[0]}\n`),
-      `OK ${taken[0]}\n`,
-    );
-    const after = await rawStatus(address);
-    assert.deepEqual(
-      after.allocations.map((a) => a.port),
-      taken.slice(1).sort(),
-    );
-    // The last free port, then the returned one.
-    const again = okPorts(await ask(address, `TAKE pid=${PID} count=2\n`), 2);
-    assert.ok(again.includes(taken[0]), `${again} lacks ${taken[0]}`);
-    assert.deepEqual(
-      [...again, ...taken.slice(1)].sort(),
-      [pool[0], pool[0] + 1, pool[0] + 2, pool[1]],
-    );
-  } finally {
-    await server.stop();
-  }
+  await withServer(
+    { size: 4, name: "ext-take" },
+    async ({ range: pool, address }) => {
+      const before = Date.now();
+      const taken = okPorts(
+        await ask(address, `TAKE pid=${PID} count=3 label=x\n`),
+        3,
+      );
+      assertDistinct(taken, 3);
+      assertInPool(taken, pool);
+      // All or none: 1 port left, 2 asked for.
+      assert.match(
+        await ask(address, `TAKE pid=${PID} count=2\n`),
+        /^ERR [^\n]+\n$/,
+      );
+      const status = await rawStatus(address);
+      assert.equal(status.address, address);
+      assert.equal(status.pool, 4);
+      assert.equal(status.allocated, 3);
+      assert.deepEqual(
+        status.allocations.map((a) => a.port),
+        [...taken].sort(),
+      );
+      for (const a of status.allocations) {
+        assert.equal(a.pid, PID);
+        assert.equal(a.label, "x");
+        assert.equal(a.lease, false);
+        assert.match(a.since, ISO_TIME);
+        const since = Date.parse(a.since);
+        assert.ok(
+          since >= before - 1000 && since <= Date.now() + 1000,
+          a.since,
+        );
+      }
+      assert.equal(
+        await ask(address, `RETURN pid=${PID} ports=${taken[0]}\n`),
+        `OK ${taken[0]}\n`,
+      );
+      const after = await rawStatus(address);
+      assert.deepEqual(
+        after.allocations.map((a) => a.port),
+        taken.slice(1).sort(),
+      );
+      // The last free port, then the returned one.
+      const again = okPorts(await ask(address, `TAKE pid=${PID} count=2\n`), 2);
+      assert.ok(again.includes(taken[0]), `${again} lacks ${taken[0]}`);
+      assert.deepEqual(
+        [...again, ...taken.slice(1)].sort(),
+        [pool[0], pool[0] + 1, pool[0] + 2, pool[1]],
+      );
+    },
+  );
 });
 
 test("protocol: RETURN of a port held by another pid is refused with ERR not held by pid", async () => {
   const pool = await randomPool(3);
   const address = uniqueName("ext-ret");
-  const server = await startServer(pool, address);
+  const server = await startServer([
+    "--pool",
+    poolSpec(pool),
+    "--address",
+    address,
+  ]);
   const other = start(["sleep", "600"]);
   try {
     const otherPid = other.child.pid!;
@@ -706,45 +696,48 @@ test("protocol: RETURN of a port held by another pid is refused with ERR not hel
 });
 
 test("protocol: LEASE count=2 holds its ports while the connection is open, and frees them right after the client closes it", async () => {
-  const pool = await randomPool(5);
-  const address = uniqueName("ext-lease");
-  const server = await startServer(pool, address);
-  try {
-    const { line, socket } = await openLease(
-      address,
-      "LEASE count=2 label=l\n",
-    );
-    const ports = okPorts(line, 2);
-    try {
-      assertDistinct(ports, 2);
-      assertInPool(ports, pool);
-      await sleep(300);
-      const now = await held(address);
-      for (const port of ports) {
-        assert.deepEqual(
-          { ...now.get(port), since: "" },
-          { port, pid: null, lease: true, since: "", label: "l" },
-        );
-        assert.match(now.get(port)!.since, ISO_TIME);
+  await withServer(
+    { size: 5, name: "ext-lease" },
+    async ({ range: pool, address }) => {
+      const { line, socket } = await openLease(
+        address,
+        "LEASE count=2 label=l\n",
+      );
+      const ports = okPorts(line, 2);
+      try {
+        assertDistinct(ports, 2);
+        assertInPool(ports, pool);
+        await sleep(300);
+        const now = await held(address);
+        for (const port of ports) {
+          assert.deepEqual(
+            { ...now.get(port), since: "" },
+            { port, pid: null, lease: true, since: "", label: "l" },
+          );
+          assert.match(now.get(port)!.since, ISO_TIME);
+        }
+      } finally {
+        socket.end();
       }
-    } finally {
-      socket.end();
-    }
-    const ms = await eventually(
-      "lease freed",
-      () => noneHeld(address, ports),
-      1_000,
-    );
-    assert.ok(ms < 1_000);
-  } finally {
-    await server.stop();
-  }
+      const ms = await eventually(
+        "lease freed",
+        () => noneHeld(address, ports),
+        1_000,
+      );
+      assert.ok(ms < 1_000);
+    },
+  );
 });
 
 test("protocol: a lease of a client process killed with SIGKILL is freed", async () => {
   const pool = await randomPool(5);
   const address = uniqueName("ext-lease-kill");
-  const server = await startServer(pool, address);
+  const server = await startServer([
+    "--pool",
+    poolSpec(pool),
+    "--address",
+    address,
+  ]);
   const dir = tempDir();
   let client: Proc | undefined;
   try {
@@ -780,215 +773,216 @@ setInterval(() => {}, 1000);
 });
 
 test("protocol: each bad extended request gets one ERR line and the server goes on serving; a classic request still gets exactly digits and a newline", async () => {
-  const pool = await randomPool(3);
-  const address = uniqueName("ext-bad");
-  const server = await startServer(pool, address);
-  try {
-    const bad = [
-      `TAKE pid=${PID} count=0\n`,
-      `TAKE pid=${PID} count=1001\n`,
-      `TAKE pid=${PID} label=${"a".repeat(101)}\n`,
-      `TAKE count=1\n`,
-      `TAKE pid=${PID} label=caf\u00e9\n`,
-      `TAKE pid=${PID} colour=red\n`,
-      `TAKE pid=1\n`,
-      `TAKE pid=999999999\n`,
-      `LEASE count=abc\n`,
-      `RETURN pid=${PID}\n`,
-      `STATUS now\n`,
-    ];
-    for (const request of bad) {
-      const reply = await ask(address, request);
-      assert.match(
-        reply,
-        /^ERR [^\n]+\n$/,
-        `${JSON.stringify(request)}: ${reply}`,
+  await withServer(
+    { size: 3, name: "ext-bad" },
+    async ({ address, server }) => {
+      const bad = [
+        `TAKE pid=${PID} count=0\n`,
+        `TAKE pid=${PID} count=1001\n`,
+        `TAKE pid=${PID} label=${"a".repeat(101)}\n`,
+        `TAKE count=1\n`,
+        `TAKE pid=${PID} label=caf\u00e9\n`,
+        `TAKE pid=${PID} colour=red\n`,
+        `TAKE pid=1\n`,
+        `TAKE pid=999999999\n`,
+        `LEASE count=abc\n`,
+        `RETURN pid=${PID}\n`,
+        `STATUS now\n`,
+      ];
+      for (const request of bad) {
+        const reply = await ask(address, request);
+        assert.match(
+          reply,
+          /^ERR [^\n]+\n$/,
+          `${JSON.stringify(request)}: ${reply}`,
+        );
+        assert.match(await ask(address, `${PID}\n`), /^\d+\n$/);
+        const freed = Number((await rawStatus(address)).allocations[0].port);
+        assert.equal(
+          await ask(address, `RETURN pid=${PID} ports=${freed}\n`),
+          `OK ${freed}\n`,
+        );
+      }
+      // A word that is not a verb is a bad classic request: closed, nothing written.
+      assert.equal(await ask(address, "FROB pid=1\n"), "");
+      // A label of 100 characters is fine.
+      okPorts(
+        await ask(address, `TAKE pid=${PID} label=${"b".repeat(100)}\n`),
+        1,
       );
       assert.match(await ask(address, `${PID}\n`), /^\d+\n$/);
-      const freed = Number((await rawStatus(address)).allocations[0].port);
-      assert.equal(
-        await ask(address, `RETURN pid=${PID} ports=${freed}\n`),
-        `OK ${freed}\n`,
-      );
-    }
-    // A word that is not a verb is a bad classic request: closed, nothing written.
-    assert.equal(await ask(address, "FROB pid=1\n"), "");
-    // A label of 100 characters is fine.
-    okPorts(
-      await ask(address, `TAKE pid=${PID} label=${"b".repeat(100)}\n`),
-      1,
-    );
-    assert.match(await ask(address, `${PID}\n`), /^\d+\n$/);
-    assert.equal(server.child.exitCode, null);
-  } finally {
-    await server.stop();
-  }
+      assert.equal(server.child.exitCode, null);
+    },
+  );
 });
 
 // ---------------------------------------------------------------------------
 // 4. The library on our server.
 
 test("library: pickUnusedPort with a label, pickUnusedPorts(5) in one TAKE, getPortServerStatus", async () => {
-  const pool = await randomPool(20);
-  const address = uniqueName("ext-lib");
-  const server = await startServer(pool, address, ["--verbose"]);
-  try {
-    const port = await pickUnusedPort({
-      portserverAddress: address,
-      label: "api-1",
-    });
-    assertInPool([port], pool);
-    const status = await getPortServerStatus(address);
-    assert.deepEqual(Object.keys(status).sort(), [
-      "address",
-      "allocated",
-      "allocations",
-      "pool",
-    ]);
-    assert.equal(status.address, address);
-    assert.equal(status.pool, 20);
-    assert.equal(status.allocated, 1);
-    assert.equal(status.allocations.length, 1);
-    const [a] = status.allocations;
-    assert.deepEqual({ ...a, since: "" }, {
-      port,
-      pid: PID,
-      lease: false,
-      since: "",
-      label: "api-1",
-    });
-    assert.match(a.since, ISO_TIME);
+  await withServer(
+    { size: 20, name: "ext-lib", args: ["--verbose"] },
+    async ({ range: pool, address, server }) => {
+      const port = await pickUnusedPort({
+        portserverAddress: address,
+        label: "api-1",
+      });
+      assertInPool([port], pool);
+      const status = await getPortServerStatus(address);
+      assert.deepEqual(Object.keys(status).sort(), [
+        "address",
+        "allocated",
+        "allocations",
+        "pool",
+      ]);
+      assert.equal(status.address, address);
+      assert.equal(status.pool, 20);
+      assert.equal(status.allocated, 1);
+      assert.equal(status.allocations.length, 1);
+      const [a] = status.allocations;
+      assert.deepEqual({ ...a, since: "" }, {
+        port,
+        pid: PID,
+        lease: false,
+        since: "",
+        label: "api-1",
+      });
+      assert.match(a.since, ISO_TIME);
 
-    const ports = await pickUnusedPorts(5, { portserverAddress: address });
-    assertDistinct(ports, 5);
-    assertInPool(ports, pool);
-    assert.ok(!ports.includes(port));
-    await server.waitFor(/Allocated ports (\d+, ){4}\d+ to pid/, 5_000);
-    const log = server.stderr();
-    assert.equal(countMatches(log, /Request TAKE /g), 2, log);
-    assert.equal(
-      countMatches(log, new RegExp(`Request TAKE pid=${PID} count=5\\.`, "g")),
-      1,
-      log,
-    );
-    assert.equal(countMatches(log, /Request on behalf of pid/g), 2, log);
-    const now = await held(address);
-    for (const p of ports) {
-      assert.equal(now.get(p)?.pid, PID);
-      assert.equal(now.get(p)?.label, null);
-    }
-  } finally {
-    await server.stop();
-  }
+      const ports = await pickUnusedPorts(5, { portserverAddress: address });
+      assertDistinct(ports, 5);
+      assertInPool(ports, pool);
+      assert.ok(!ports.includes(port));
+      await server.waitFor(/Allocated ports (\d+, ){4}\d+ to pid/, 5_000);
+      const log = server.stderr();
+      assert.equal(countMatches(log, /Request TAKE /g), 2, log);
+      assert.equal(
+        countMatches(
+          log,
+          new RegExp(`Request TAKE pid=${PID} count=5\\.`, "g"),
+        ),
+        1,
+        log,
+      );
+      assert.equal(countMatches(log, /Request on behalf of pid/g), 2, log);
+      const now = await held(address);
+      for (const p of ports) {
+        assert.equal(now.get(p)?.pid, PID);
+        assert.equal(now.get(p)?.label, null);
+      }
+    },
+  );
 });
 
 test("library: returnPort of a server port frees it on the server and does not keep it in the free set", async () => {
-  const pool = await randomPool(10);
-  const address = uniqueName("ext-libret");
-  const server = await startServer(pool, address, ["--verbose"]);
-  try {
-    const port = await pickUnusedPort({ portserverAddress: address });
-    assertInPool([port], pool);
-    assert.equal((await held(address)).get(port)?.pid, PID);
-    returnPort(port);
-    await eventually(
-      "the server frees the returned port",
-      () => noneHeld(address, [port]),
-    );
-    await server.waitFor(
-      new RegExp(`Pid ${PID} returned ports ${port}\\.`),
-      2_000,
-    );
-    const next = await pickUnusedPort({ portserverAddress: address });
-    assert.notEqual(
-      next,
-      port,
-      "the returned port was handed out again locally",
-    );
-    assert.equal(
-      (await held(address)).get(next)?.pid,
-      PID,
-      "not from the server",
-    );
-    await server.waitFor(new RegExp(`Allocated ports ${next} to pid`), 2_000);
-    assert.equal(countMatches(server.stderr(), /Request TAKE /g), 2);
-  } finally {
-    await server.stop();
-  }
+  await withServer(
+    { size: 10, name: "ext-libret", args: ["--verbose"] },
+    async ({ range: pool, address, server }) => {
+      const port = await pickUnusedPort({ portserverAddress: address });
+      assertInPool([port], pool);
+      assert.equal((await held(address)).get(port)?.pid, PID);
+      returnPort(port);
+      await eventually(
+        "the server frees the returned port",
+        () => noneHeld(address, [port]),
+      );
+      await server.waitFor(
+        new RegExp(`Pid ${PID} returned ports ${port}\\.`),
+        2_000,
+      );
+      const next = await pickUnusedPort({ portserverAddress: address });
+      assert.notEqual(
+        next,
+        port,
+        "the returned port was handed out again locally",
+      );
+      assert.equal(
+        (await held(address)).get(next)?.pid,
+        PID,
+        "not from the server",
+      );
+      await server.waitFor(new RegExp(`Allocated ports ${next} to pid`), 2_000);
+      assert.equal(countMatches(server.stderr(), /Request TAKE /g), 2);
+    },
+  );
 });
 
 test("library: leasePorts(2) with a label, release(), and await using", async () => {
-  const pool = await randomPool(6);
-  const address = uniqueName("ext-liblease");
-  const server = await startServer(pool, address);
-  try {
-    const lease = await leasePorts(2, {
-      portserverAddress: address,
-      label: "e2e",
-    });
-    assertDistinct([...lease.ports], 2);
-    assertInPool([...lease.ports], pool);
-    let now = await held(address);
-    for (const port of lease.ports) {
-      assert.equal(now.get(port)?.lease, true);
-      assert.equal(now.get(port)?.pid, null);
-      assert.equal(now.get(port)?.label, "e2e");
-    }
-    await lease.release();
-    await eventually(
-      "released lease freed",
-      () => noneHeld(address, [...lease.ports]),
-    );
+  await withServer(
+    { size: 6, name: "ext-liblease" },
+    async ({ range: pool, address }) => {
+      const lease = await leasePorts(2, {
+        portserverAddress: address,
+        label: "e2e",
+      });
+      assertDistinct([...lease.ports], 2);
+      assertInPool([...lease.ports], pool);
+      let now = await held(address);
+      for (const port of lease.ports) {
+        assert.equal(now.get(port)?.lease, true);
+        assert.equal(now.get(port)?.pid, null);
+        assert.equal(now.get(port)?.label, "e2e");
+      }
+      await lease.release();
+      await eventually(
+        "released lease freed",
+        () => noneHeld(address, [...lease.ports]),
+      );
 
-    let ports: number[] = [];
-    {
-      await using scoped = await leasePorts(1, { portserverAddress: address });
-      ports = [...scoped.ports];
-      assertInPool(ports, pool);
-      now = await held(address);
-      assert.equal(now.get(ports[0])?.lease, true);
-      assert.equal(now.get(ports[0])?.label, null);
-    }
-    await eventually("await using lease freed", () => noneHeld(address, ports));
-    await assert.rejects(
-      leasePorts(7, { portserverAddress: address }),
-      /refused the lease/,
-    );
-  } finally {
-    await server.stop();
-  }
+      let ports: number[] = [];
+      {
+        await using scoped = await leasePorts(1, {
+          portserverAddress: address,
+        });
+        ports = [...scoped.ports];
+        assertInPool(ports, pool);
+        now = await held(address);
+        assert.equal(now.get(ports[0])?.lease, true);
+        assert.equal(now.get(ports[0])?.label, null);
+      }
+      await eventually(
+        "await using lease freed",
+        () => noneHeld(address, ports),
+      );
+      await assert.rejects(
+        leasePorts(7, { portserverAddress: address }),
+        /refused the lease/,
+      );
+    },
+  );
 });
 
 test("library: returnPortsToServer frees a held port and throws for a port not held", async () => {
-  const pool = await randomPool(4);
-  const address = uniqueName("ext-libretsrv");
-  const server = await startServer(pool, address);
-  try {
-    const [a, b] = okPorts(await ask(address, `TAKE pid=${PID} count=2\n`), 2);
-    assert.deepEqual(await returnPortsToServer(address, [a]), [a]);
-    assert.equal((await held(address)).has(a), false);
-    const free = [pool[0], pool[0] + 1, pool[0] + 2, pool[1]].find((p) =>
-      p !== a && p !== b
-    )!;
-    await assert.rejects(
-      returnPortsToServer(address, [free]),
-      (error: Error) => {
-        assert.ok(error instanceof Error);
-        assert.match(
-          error.message,
-          new RegExp(`not held by pid ${PID}: ${free}`),
-        );
-        return true;
-      },
-    );
-    await assert.rejects(
-      returnPortsToServer(address, [b], { pid: PID + 1 }),
-      /not held by pid/,
-    );
-    assert.equal((await held(address)).get(b)?.pid, PID);
-  } finally {
-    await server.stop();
-  }
+  await withServer(
+    { size: 4, name: "ext-libretsrv" },
+    async ({ range: pool, address }) => {
+      const [a, b] = okPorts(
+        await ask(address, `TAKE pid=${PID} count=2\n`),
+        2,
+      );
+      assert.deepEqual(await returnPortsToServer(address, [a]), [a]);
+      assert.equal((await held(address)).has(a), false);
+      const free = [pool[0], pool[0] + 1, pool[0] + 2, pool[1]].find((p) =>
+        p !== a && p !== b
+      )!;
+      await assert.rejects(
+        returnPortsToServer(address, [free]),
+        (error: Error) => {
+          assert.ok(error instanceof Error);
+          assert.match(
+            error.message,
+            new RegExp(`not held by pid ${PID}: ${free}`),
+          );
+          return true;
+        },
+      );
+      await assert.rejects(
+        returnPortsToServer(address, [b], { pid: PID + 1 }),
+        /not held by pid/,
+      );
+      assert.equal((await held(address)).get(b)?.pid, PID);
+    },
+  );
 });
 
 // ---------------------------------------------------------------------------
@@ -997,7 +991,7 @@ test("library: returnPortsToServer frees a held port and throws for a port not h
 test("Python server: a labelled pickUnusedPort falls back to the classic request once; pickUnusedPorts(3) gets 3 ports", async () => {
   const pool = await randomPool(8);
   const address = uniqueName("ext-py");
-  const server = await startPythonPortserver(address, spec(pool));
+  const server = await startPythonPortserver(address, poolSpec(pool));
   try {
     const port = await pickUnusedPort({
       portserverAddress: address,
@@ -1029,7 +1023,7 @@ test("Python server: a labelled pickUnusedPort falls back to the classic request
 test("Python server: returnPort keeps the classic behaviour (the port goes to the free set)", async () => {
   const pool = await randomPool(4);
   const address = uniqueName("ext-py-ret");
-  const server = await startPythonPortserver(address, spec(pool));
+  const server = await startPythonPortserver(address, poolSpec(pool));
   try {
     const port = await pickUnusedPort({ portserverAddress: address });
     assertInPool([port], pool);
@@ -1048,7 +1042,7 @@ test("Python server: returnPort keeps the classic behaviour (the port goes to th
 test("Python server: leasePorts, getPortServerStatus and returnPortsToServer throw naming the Python portserver; CLI status exits 1 with one line", async () => {
   const pool = await randomPool(4);
   const address = uniqueName("ext-py-status");
-  const server = await startPythonPortserver(address, spec(pool));
+  const server = await startPythonPortserver(address, poolSpec(pool));
   try {
     await assert.rejects(
       leasePorts(1, { portserverAddress: address }),
@@ -1092,7 +1086,12 @@ test("Python server: leasePorts, getPortServerStatus and returnPortsToServer thr
 test("CLI: -n 3 --label web, status (table and --json), return", async () => {
   const pool = await randomPool(10);
   const address = uniqueName("ext-cli");
-  const server = await startServer(pool, address);
+  const server = await startServer([
+    "--pool",
+    poolSpec(pool),
+    "--address",
+    address,
+  ]);
   const env = { PORTSERVER_ADDRESS: address };
   try {
     const picked = await runCli(["-n", "3", "--label", "web"], { env });
@@ -1161,10 +1160,7 @@ test("CLI: -n 3 --label web, status (table and --json), return", async () => {
 });
 
 test("CLI: return with no port, status with no server, and bad --label are usage errors (exit 2, one line)", async () => {
-  const pool = await randomPool(2);
-  const address = uniqueName("ext-cli-usage");
-  const server = await startServer(pool, address);
-  try {
+  await withServer({ size: 2, name: "ext-cli-usage" }, async ({ address }) => {
     const cases: [string[], Record<string, string | undefined>][] = [
       [["return"], { PORTSERVER_ADDRESS: address }],
       [["status"], {}],
@@ -1178,9 +1174,7 @@ test("CLI: return with no port, status with no server, and bad --label are usage
       assertOneLineError(await runCli(args, { env }), 2, JSON.stringify(args));
     }
     assert.equal((await getPortServerStatus(address)).allocated, 0);
-  } finally {
-    await server.stop();
-  }
+  });
 });
 
 // ---------------------------------------------------------------------------
@@ -1215,7 +1209,12 @@ test("README: the extended protocol's nc examples answer as their comments say",
   const pool = await randomPool(100);
   const dir = tempDir();
   const socket = join(dir.path, "ports.sock");
-  const server = await startServer(pool, socket);
+  const server = await startServer([
+    "--pool",
+    poolSpec(pool),
+    "--address",
+    socket,
+  ]);
   const mapPort = (n: string) =>
     String(pool[0] + Number(n) - Number(readmeFirst));
   try {

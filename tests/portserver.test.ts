@@ -40,6 +40,7 @@ import {
   startServer,
   startTimeOf,
   statsOnSigusr1,
+  withServer,
 } from "./server_helpers.ts";
 
 /** A live process: this test's own. */
@@ -78,35 +79,28 @@ async function assertServes(
 // The wire protocol.
 
 test("wire: `pid\\n` and `pid` without a newline each get exactly `port\\n`, then EOF", async () => {
-  const range = await randomPool(10);
-  const address = uniqueName("ps-wire");
-  const server = await startServer([
-    "--pool",
-    poolSpec(range),
-    "--address",
-    address,
-  ]);
-  try {
-    const seen = new Set<number>();
-    for (
-      const [what, payload, end] of [
-        ["pid and newline", `${PID}\n`, false],
-        ["pid, no newline, connection left open", String(PID), false],
-        ["pid, no newline, then half-closed", String(PID), true],
-      ] as const
-    ) {
-      const reply = await exchange(address, payload, { end });
-      const text = reply.bytes.toString("latin1");
-      assert.match(text, /^\d+\n$/, `${what}: ${JSON.stringify(text)}`);
-      assert.equal(reply.error, undefined, `${what}: ${reply.error}`);
-      const port = Number(text.trim());
-      assert.ok(inPool(port, range), `${what}: ${port} not in ${range}`);
-      assert.ok(!seen.has(port), `${what}: ${port} handed out twice`);
-      seen.add(port);
-    }
-  } finally {
-    await server.stop();
-  }
+  await withServer(
+    { size: 10, name: "ps-wire" },
+    async ({ range, address }) => {
+      const seen = new Set<number>();
+      for (
+        const [what, payload, end] of [
+          ["pid and newline", `${PID}\n`, false],
+          ["pid, no newline, connection left open", String(PID), false],
+          ["pid, no newline, then half-closed", String(PID), true],
+        ] as const
+      ) {
+        const reply = await exchange(address, payload, { end });
+        const text = reply.bytes.toString("latin1");
+        assert.match(text, /^\d+\n$/, `${what}: ${JSON.stringify(text)}`);
+        assert.equal(reply.error, undefined, `${what}: ${reply.error}`);
+        const port = Number(text.trim());
+        assert.ok(inPool(port, range), `${what}: ${port} not in ${range}`);
+        assert.ok(!seen.has(port), `${what}: ${port} handed out twice`);
+        seen.add(port);
+      }
+    },
+  );
 });
 
 test("getPortFromPortServer (mod.ts) gets distinct pool ports from our server, on an abstract name and a socket file", async () => {
@@ -308,161 +302,133 @@ test("pid reuse (simulated by a --state entry for a live pid with a wrong start 
 // Bad requests.
 
 test("each bad request is closed with nothing written, and a good request right after is served in < 1 s", async () => {
-  const range = await randomPool(40);
-  const address = uniqueName("ps-bad");
-  const server = await startServer([
-    "--pool",
-    poolSpec(range),
-    "--address",
-    address,
-  ]);
-  try {
-    const garbage = new Uint8Array(120);
-    crypto.getRandomValues(garbage);
-    garbage[5] = 0;
-    garbage[60] = 10;
-    garbage[61] = 0xff;
-    const cases: [string, string | Uint8Array, boolean][] = [
-      ["empty, closed at once by the client", "", true],
-      ["a bare newline", "\n", false],
-      ["99Z", "99Z\n", false],
-      ["two numbers", "99 8\n", false],
-      ["a 35-digit number", `${"9".repeat(35)}\n`, false],
-      ["a live pid padded past 20 bytes", `${" ".repeat(20)}${PID}\n`, false],
-      ["120 bytes of binary garbage", garbage, false],
-      ["pid 0", "0\n", false],
-      ["pid -5", "-5\n", false],
-      ["pid 1 (init)", "1\n", false],
-      ["a pid with no process", "2147483646\n", false],
-      ["a pid with no process, no newline", "2147483646", false],
-    ];
-    const seen = new Set<number>();
-    for (const [what, payload, end] of cases) {
-      const reply = await exchange(address, payload, { end });
+  await withServer(
+    { size: 40, name: "ps-bad" },
+    async ({ range, address, server }) => {
+      const garbage = new Uint8Array(120);
+      crypto.getRandomValues(garbage);
+      garbage[5] = 0;
+      garbage[60] = 10;
+      garbage[61] = 0xff;
+      const cases: [string, string | Uint8Array, boolean][] = [
+        ["empty, closed at once by the client", "", true],
+        ["a bare newline", "\n", false],
+        ["99Z", "99Z\n", false],
+        ["two numbers", "99 8\n", false],
+        ["a 35-digit number", `${"9".repeat(35)}\n`, false],
+        ["a live pid padded past 20 bytes", `${" ".repeat(20)}${PID}\n`, false],
+        ["120 bytes of binary garbage", garbage, false],
+        ["pid 0", "0\n", false],
+        ["pid -5", "-5\n", false],
+        ["pid 1 (init)", "1\n", false],
+        ["a pid with no process", "2147483646\n", false],
+        ["a pid with no process, no newline", "2147483646", false],
+      ];
+      const seen = new Set<number>();
+      for (const [what, payload, end] of cases) {
+        const reply = await exchange(address, payload, { end });
+        assert.equal(
+          reply.bytes.length,
+          0,
+          `${what}: the server wrote ${
+            JSON.stringify(reply.bytes.toString("latin1"))
+          }`,
+        );
+        assert.ok(reply.ms < 1000, `${what}: closed after ${reply.ms} ms`);
+        const port = await assertServes(address, range, `after ${what}`);
+        assert.ok(!seen.has(port), `${port} handed out twice`);
+        seen.add(port);
+      }
+      assert.ok(alive(server));
+      const stats = await statsOnSigusr1(server);
       assert.equal(
-        reply.bytes.length,
-        0,
-        `${what}: the server wrote ${
-          JSON.stringify(reply.bytes.toString("latin1"))
-        }`,
+        stats["total-allocations"],
+        cases.length,
+        "a bad request got a port",
       );
-      assert.ok(reply.ms < 1000, `${what}: closed after ${reply.ms} ms`);
-      const port = await assertServes(address, range, `after ${what}`);
-      assert.ok(!seen.has(port), `${port} handed out twice`);
-      seen.add(port);
-    }
-    assert.ok(alive(server));
-    const stats = await statsOnSigusr1(server);
-    assert.equal(
-      stats["total-allocations"],
-      cases.length,
-      "a bad request got a port",
-    );
-  } finally {
-    await server.stop();
-  }
+    },
+  );
 });
 
 test("a client that sends nothing is dropped within a few seconds; others are served promptly meanwhile", async () => {
-  const range = await randomPool(10);
-  const address = uniqueName("ps-silent");
-  const server = await startServer([
-    "--pool",
-    poolSpec(range),
-    "--address",
-    address,
-  ]);
-  try {
-    const silent = Array.from(
-      { length: 5 },
-      () => exchange(address, "", { timeoutMs: 8000 }),
-    );
-    await delay(100);
-    for (let i = 0; i < 3; i++) {
-      await assertServes(address, range, `good request ${i}`);
-    }
-    const servedAt = performance.now();
-    for (const reply of await Promise.all(silent)) {
-      assert.equal(reply.bytes.length, 0);
-      assert.ok(reply.ms < 5000, `dropped after ${reply.ms} ms`);
-    }
-    assert.ok(
-      performance.now() - servedAt > 200,
-      "the silent clients were dropped before the good ones were served",
-    );
-    assert.ok(alive(server));
-    await assertServes(address, range, "afterwards");
-  } finally {
-    await server.stop();
-  }
+  await withServer(
+    { size: 10, name: "ps-silent" },
+    async ({ range, address, server }) => {
+      const silent = Array.from(
+        { length: 5 },
+        () => exchange(address, "", { timeoutMs: 8000 }),
+      );
+      await delay(100);
+      for (let i = 0; i < 3; i++) {
+        await assertServes(address, range, `good request ${i}`);
+      }
+      const servedAt = performance.now();
+      for (const reply of await Promise.all(silent)) {
+        assert.equal(reply.bytes.length, 0);
+        assert.ok(reply.ms < 5000, `dropped after ${reply.ms} ms`);
+      }
+      assert.ok(
+        performance.now() - servedAt > 200,
+        "the silent clients were dropped before the good ones were served",
+      );
+      assert.ok(alive(server));
+      await assertServes(address, range, "afterwards");
+    },
+  );
 });
 
 test("a slow sender (a byte every 300 ms) neither blocks others nor gets a port from a partial request", async () => {
-  const range = await randomPool(10);
-  const address = uniqueName("ps-slow");
-  const server = await startServer([
-    "--pool",
-    poolSpec(range),
-    "--address",
-    address,
-  ]);
-  try {
-    // The first byte alone is no pid: as the Python server, ours answers the first chunk.
-    const slow = exchange(address, {
-      delayMs: 300,
-      pieces: [..." 2147483646\n"],
-    }, {
-      timeoutMs: 8000,
-    });
-    await delay(150);
-    for (let i = 0; i < 3; i++) {
-      await assertServes(address, range, `good request ${i}`);
-    }
-    const reply = await slow;
-    assert.equal(
-      reply.bytes.length,
-      0,
-      `wrote ${reply.bytes.toString("latin1")}`,
-    );
-    assert.ok(reply.ms < 5000, `closed after ${reply.ms} ms`);
-    assert.ok(alive(server));
-    await assertServes(address, range, "afterwards");
-  } finally {
-    await server.stop();
-  }
+  await withServer(
+    { size: 10, name: "ps-slow" },
+    async ({ range, address, server }) => {
+      // The first byte alone is no pid: as the Python server, ours answers the first chunk.
+      const slow = exchange(address, {
+        delayMs: 300,
+        pieces: [..." 2147483646\n"],
+      }, {
+        timeoutMs: 8000,
+      });
+      await delay(150);
+      for (let i = 0; i < 3; i++) {
+        await assertServes(address, range, `good request ${i}`);
+      }
+      const reply = await slow;
+      assert.equal(
+        reply.bytes.length,
+        0,
+        `wrote ${reply.bytes.toString("latin1")}`,
+      );
+      assert.ok(reply.ms < 5000, `closed after ${reply.ms} ms`);
+      assert.ok(alive(server));
+      await assertServes(address, range, "afterwards");
+    },
+  );
 });
 
 test("clients that vanish mid-request (`12` then gone; `pid\\n` then gone before the reply) do not hurt the server", async () => {
-  const range = await randomPool(10);
-  const address = uniqueName("ps-vanish");
-  const server = await startServer([
-    "--pool",
-    poolSpec(range),
-    "--address",
-    address,
-  ]);
-  try {
-    for (const payload of ["12", `${PID}\n`, "12", `${PID}\n`]) {
-      await new Promise<void>((resolve) => {
-        const socket = connect({ path: socketPath(address) }, () => {
-          socket.write(payload);
-          socket.destroy();
+  await withServer(
+    { size: 10, name: "ps-vanish" },
+    async ({ range, address, server }) => {
+      for (const payload of ["12", `${PID}\n`, "12", `${PID}\n`]) {
+        await new Promise<void>((resolve) => {
+          const socket = connect({ path: socketPath(address) }, () => {
+            socket.write(payload);
+            socket.destroy();
+          });
+          socket.on("error", () => {});
+          socket.on("close", () => resolve());
         });
-        socket.on("error", () => {});
-        socket.on("close", () => resolve());
-      });
-      await assertServes(
-        address,
-        range,
-        `after ${JSON.stringify(payload)} and gone`,
-      );
-    }
-    await delay(200);
-    assert.ok(alive(server));
-    await assertServes(address, range, "afterwards");
-  } finally {
-    await server.stop();
-  }
+        await assertServes(
+          address,
+          range,
+          `after ${JSON.stringify(payload)} and gone`,
+        );
+      }
+      await delay(200);
+      assert.ok(alive(server));
+      await assertServes(address, range, "afterwards");
+    },
+  );
 });
 
 /** Opens one connection, retrying while the listen backlog is full. */
@@ -499,44 +465,40 @@ function floodClient(
 }
 
 test("2000 connections at once (1000 silent, 1000 good requests): every good one gets a distinct port, the server survives and answers", async () => {
-  const range = await randomPool(1200);
-  const address = uniqueName("ps-flood");
-  const server = await startServer([
-    "--pool",
-    poolSpec(range),
-    "--address",
-    address,
-  ]);
-  try {
-    const results = await Promise.all(
-      Array.from(
-        { length: 2000 },
-        (_, i) => floodClient(address, i % 2 ? `${PID}\n` : ""),
-      ),
-    );
-    const failed = results.filter((r) => r.error);
-    assert.deepEqual(
-      failed.slice(0, 5),
-      [],
-      `${failed.length} connections never opened`,
-    );
-    const silent = results.filter((_, i) => i % 2 === 0);
-    assert.ok(silent.every((r) => r.bytes === ""), "a silent client got bytes");
-    const ports = results.filter((_, i) => i % 2 === 1).map((r) => r.bytes);
-    const bad = ports.filter((r) => !/^\d+\n$/.test(r));
-    assert.deepEqual(
-      bad.slice(0, 5),
-      [],
-      `${bad.length} good requests got no port`,
-    );
-    const numbers = ports.map(Number);
-    assert.equal(new Set(numbers).size, 1000, "a port was handed out twice");
-    assert.ok(numbers.every((p) => inPool(p, range)));
-    assert.ok(alive(server));
-    await assertServes(address, range, "after the flood");
-  } finally {
-    await server.stop();
-  }
+  await withServer(
+    { size: 1200, name: "ps-flood" },
+    async ({ range, address, server }) => {
+      const results = await Promise.all(
+        Array.from(
+          { length: 2000 },
+          (_, i) => floodClient(address, i % 2 ? `${PID}\n` : ""),
+        ),
+      );
+      const failed = results.filter((r) => r.error);
+      assert.deepEqual(
+        failed.slice(0, 5),
+        [],
+        `${failed.length} connections never opened`,
+      );
+      const silent = results.filter((_, i) => i % 2 === 0);
+      assert.ok(
+        silent.every((r) => r.bytes === ""),
+        "a silent client got bytes",
+      );
+      const ports = results.filter((_, i) => i % 2 === 1).map((r) => r.bytes);
+      const bad = ports.filter((r) => !/^\d+\n$/.test(r));
+      assert.deepEqual(
+        bad.slice(0, 5),
+        [],
+        `${bad.length} good requests got no port`,
+      );
+      const numbers = ports.map(Number);
+      assert.equal(new Set(numbers).size, 1000, "a port was handed out twice");
+      assert.ok(numbers.every((p) => inPool(p, range)));
+      assert.ok(alive(server));
+      await assertServes(address, range, "after the flood");
+    },
+  );
 });
 
 // ---------------------------------------------------------------------------

@@ -7,7 +7,7 @@
 import { readFileSync } from "node:fs";
 import { connect } from "node:net";
 import { isPortFree } from "../mod.ts";
-import { type Proc, runtimeCommand, start } from "./helpers.ts";
+import { type Proc, runtimeCommand, start, uniqueName } from "./helpers.ts";
 
 /** The ranges handed out by {@linkcode randomPool} in this process. */
 const usedRanges: [number, number][] = [];
@@ -59,6 +59,7 @@ export function poolSpec(range: readonly [number, number]): string {
 export async function startServer(args: string[]): Promise<Proc> {
   const proc = start([...runtimeCommand("cli.ts"), "serve", ...args], {
     PORTSERVER_ADDRESS: undefined,
+    PORTPICKER_LOCK_DIR: undefined,
   });
   try {
     await proc.waitFor(/Serving on/, 30_000);
@@ -67,6 +68,40 @@ export async function startServer(args: string[]): Promise<Proc> {
     throw error;
   }
   return proc;
+}
+
+/** What {@linkcode withServer} hands its body. */
+export interface PoolServer {
+  /** The server's pool, fresh from {@linkcode randomPool}. */
+  range: [number, number];
+  /** A unique abstract name (`@…`). */
+  address: string;
+  server: Proc;
+}
+
+/**
+ * Runs `body` with our server serving a fresh pool of `size` ports on a
+ * unique abstract name (`name` is its prefix), and stops the server however
+ * `body` ends.
+ */
+export async function withServer(
+  options: { size: number; name: string; args?: string[] },
+  body: (started: PoolServer) => Promise<void>,
+): Promise<void> {
+  const range = await randomPool(options.size);
+  const address = uniqueName(options.name);
+  const server = await startServer([
+    "--pool",
+    poolSpec(range),
+    "--address",
+    address,
+    ...(options.args ?? []),
+  ]);
+  try {
+    await body({ range, address, server });
+  } finally {
+    await server.stop();
+  }
 }
 
 /**
