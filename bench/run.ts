@@ -51,6 +51,7 @@ import {
 } from "./proc.ts";
 import {
   bars,
+  checkKey,
   CONCURRENCIES,
   type Exhaustion,
   type Machine,
@@ -124,7 +125,15 @@ for _ in range(20):
 began = time.perf_counter()
 for _ in range(n):
     portpicker.pick_unused_port()
-print(json.dumps({"rate": n / (time.perf_counter() - began)}))
+rate = n / (time.perf_counter() - began)
+port = portpicker.pick_unused_port()
+for _ in range(20):
+    portpicker.is_port_free(port)
+began = time.perf_counter()
+for _ in range(n):
+    if not portpicker.is_port_free(port):
+        raise SystemExit("port %d was taken" % port)
+print(json.dumps({"rate": rate, "checkRate": n / (time.perf_counter() - began)}))
 `;
 
 /** exhaust.ts's loop, for Python's pick_unused_port. */
@@ -217,8 +226,11 @@ async function benchPick(ctx: Context): Promise<void> {
   for (let rep = 0; rep < ctx.sizes.reps; rep++) {
     for (const picker of PICKERS) {
       await attempt(ctx, `picking, ${picker}, run ${rep + 1}`, async () => {
-        const { rate } = await runJson<{ rate: number }>(commands[picker]);
+        const { rate, checkRate } = await runJson<
+          { rate: number; checkRate?: number }
+        >(commands[picker]);
         add(ctx, pickKey(picker), rate);
+        if (checkRate !== undefined) add(ctx, checkKey(picker), checkRate);
       });
     }
   }
