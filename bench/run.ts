@@ -55,6 +55,7 @@ import {
   CONCURRENCIES,
   type Exhaustion,
   type Machine,
+  measuredRequests,
   memoryKey,
   OCCUPANCIES,
   type Picker,
@@ -77,8 +78,7 @@ const FULL: Sizes = {
   reps: 5,
   picks: 2000,
   exhaustCap: 0,
-  pool: 5000,
-  measured: 2000,
+  pool: 10_000,
   startupReps: 10,
   memoryPool: 10_000,
 };
@@ -87,7 +87,6 @@ const TINY: Sizes = {
   picks: 50,
   exhaustCap: 300,
   pool: 200,
-  measured: 2000,
   startupReps: 2,
   memoryPool: 500,
 };
@@ -482,7 +481,7 @@ async function serverCell(
   occupancy: number,
   concurrency: number,
 ): Promise<void> {
-  const { pool, measured } = ctx.sizes;
+  const { pool } = ctx.sizes;
   const what = `server ${kind}, ${occupancy} % held, ${clients(concurrency)}`;
   const [a, b, c] = [startSleeper(), startSleeper(), startSleeper()];
   let server: RunningServer | undefined;
@@ -492,7 +491,7 @@ async function serverCell(
     await fill(ctx, server, [a.pid, b.pid], occupancy, pool, what);
     // B dies: its ports are reclaimable, A's are held by a live process.
     await gone(b);
-    const requests = Math.min(pool * (100 - occupancy) / 100, measured);
+    const requests = measuredRequests(pool);
     const result = await measure(server, c.pid, requests, concurrency);
     if (result.ok === 0) {
       throw new Error(
