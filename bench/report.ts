@@ -538,8 +538,8 @@ function serverSection(f: Figures): string {
       "ours, Deno",
       "ours, Bun",
       "Python",
-      "Deno ÷ Python",
-      "Bun ÷ Python",
+      "Python ÷ Deno",
+      "Python ÷ Bun",
     ],
     cells.map(([o, c]) => {
       const value = (s: ServerKind) => f.get(serverKey(s, o, c, "cpu"));
