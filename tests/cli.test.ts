@@ -10,8 +10,10 @@ import { connect } from "node:net";
 import { join } from "node:path";
 import { isPortFree } from "../mod.ts";
 import {
+  assertOneLineError,
   canBindWithPython,
   COMPILE_ARGS,
+  exitCodeOf,
   freeRange,
   HOLD_KINDS,
   holdWithPython,
@@ -65,37 +67,7 @@ function inRange(port: number, range: readonly [number, number]): boolean {
 
 /** Asserts a usage error: exit 2, one line on stderr, no stack trace, nothing on stdout. */
 function assertUsageError(result: RunResult, args: string[]): void {
-  const what = JSON.stringify(args);
-  assert.equal(
-    result.code,
-    2,
-    `${what}: exit ${result.code}; ${result.stderr}`,
-  );
-  assert.equal(result.stdout, "", what);
-  assert.match(
-    result.stderr,
-    /^portpicker: [^\n]+\n$/,
-    `${what}: ${result.stderr}`,
-  );
-  assert.doesNotMatch(result.stderr, /^\s+at /m, what);
-}
-
-/** Resolves with the exit code once `proc` ends (fails after `timeoutMs`). */
-function exited(proc: Proc, timeoutMs: number): Promise<number | null> {
-  const child = proc.child;
-  if (child.exitCode !== null || child.signalCode !== null) {
-    return Promise.resolve(child.exitCode);
-  }
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(
-      () => reject(new Error(`still running after ${timeoutMs} ms`)),
-      timeoutMs,
-    );
-    child.once("exit", (code) => {
-      clearTimeout(timer);
-      resolve(code);
-    });
-  });
+  assertOneLineError(result, 2, JSON.stringify(args));
 }
 
 /** Whether a TCP connection to 127.0.0.1:`port` is accepted. */
@@ -131,7 +103,7 @@ async function checkHold(command: string[], seconds: number): Promise<void> {
   try {
     await proc.waitFor(/^\d+\n/, 15_000);
     const printed = Date.now();
-    assert.equal(await exited(proc, 5_000), 0, proc.stderr());
+    assert.equal(await exitCodeOf(proc, 5_000), 0, proc.stderr());
     assert.ok(
       Date.now() - printed < 1_000,
       `exited ${Date.now() - printed} ms after printing`,

@@ -36,12 +36,13 @@ import {
 } from "./server_helpers.ts";
 import { processStartTime, reservedPorts } from "../claims.ts";
 import {
+  assertOneLineError,
+  exitCodeOf,
   MOD_URL,
   type Proc,
   ROOT,
   run,
   runCli,
-  type RunResult,
   scriptCommand,
   sleep,
   start,
@@ -173,44 +174,6 @@ function okPorts(reply: string, count: number): number[] {
   return reply.trim().split(" ").slice(1).map(Number);
 }
 
-/** Resolves with the exit code once `proc` ends; fails after `timeoutMs`. */
-function exitOf(proc: Proc, timeoutMs = 15_000): Promise<number | null> {
-  const child = proc.child;
-  if (child.exitCode !== null || child.signalCode !== null) {
-    return Promise.resolve(child.exitCode);
-  }
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(
-      () => reject(new Error(`still running after ${timeoutMs} ms`)),
-      timeoutMs,
-    );
-    child.once("exit", (code) => {
-      clearTimeout(timer);
-      resolve(code);
-    });
-  });
-}
-
-/** Exit `code`, nothing on stdout, one line on stderr, no stack trace. */
-function assertOneLineError(
-  result: RunResult,
-  code: number,
-  what: string,
-): void {
-  assert.equal(
-    result.code,
-    code,
-    `${what}: exit ${result.code} ${result.stderr}`,
-  );
-  assert.equal(result.stdout, "", what);
-  assert.match(
-    result.stderr,
-    /^portpicker: [^\n]+\n$/,
-    `${what}: ${result.stderr}`,
-  );
-  assert.doesNotMatch(result.stderr, /^\s+at /m, what);
-}
-
 /** Claim files (`<port>.claim`) in a lock directory, by port. */
 function claimFiles(dir: string): Map<number, string> {
   const out = new Map<number, string>();
@@ -301,7 +264,7 @@ test("lock directory: 16 processes on Deno, Bun and Node pick 100 ports each at 
     }
     writeFileSync(go, "");
     for (const child of children) {
-      assert.equal(await exitOf(child, 30_000), 0, child.stderr());
+      assert.equal(await exitCodeOf(child, 30_000), 0, child.stderr());
     }
     assert.deepEqual(readdirSync(lockDir), [], "left in the lock directory");
   } finally {
@@ -476,7 +439,9 @@ test("lock directory: taking over dead owners' claims never takes a live claim a
       await sleep(50);
     }
     writeFileSync(stop, "");
-    for (const p of all) assert.equal(await exitOf(p, 10_000), 0, p.stderr());
+    for (const p of all) {
+      assert.equal(await exitCodeOf(p, 10_000), 0, p.stderr());
+    }
     const made = Number(/made (\d+)/.exec(crashed.stdout())?.[1]);
     const picks = contenders.map((p) =>
       Number(/picks (\d+)/.exec(p.stdout())?.[1])

@@ -3,6 +3,7 @@
  * Bun or Node runs the test.
  */
 
+import assert from "node:assert/strict";
 import { type ChildProcess, spawn } from "node:child_process";
 import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -122,6 +123,26 @@ export function runCli(
   });
 }
 
+/** Exit `code`, nothing on stdout, one line on stderr, no stack trace. */
+export function assertOneLineError(
+  result: RunResult,
+  code: number,
+  what: string,
+): void {
+  assert.equal(
+    result.code,
+    code,
+    `${what}: exit ${result.code} ${result.stderr}`,
+  );
+  assert.equal(result.stdout, "", what);
+  assert.match(
+    result.stderr,
+    /^portpicker: [^\n]+\n$/,
+    `${what}: ${result.stderr}`,
+  );
+  assert.doesNotMatch(result.stderr, /^\s+at /m, what);
+}
+
 /** A long-running child process, started and stopped by a test. */
 export interface Proc {
   child: ChildProcess;
@@ -205,8 +226,47 @@ export function start(
   };
 }
 
+/**
+ * Resolves with the exit code once `proc` has exited (its "exit", not its
+ * "close": a detached child it started may still hold its output pipes);
+ * fails after `timeoutMs`.
+ */
+export function exitCodeOf(
+  proc: Proc,
+  timeoutMs: number,
+): Promise<number | null> {
+  const child = proc.child;
+  if (child.exitCode !== null || child.signalCode !== null) {
+    return Promise.resolve(child.exitCode);
+  }
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(
+      () => reject(new Error(`still running after ${timeoutMs} ms`)),
+      timeoutMs,
+    );
+    child.once("exit", (code) => {
+      clearTimeout(timer);
+      resolve(code);
+    });
+  });
+}
+
 /** Kinds of socket that a test can hold a port with, from a Python process. */
 export type HoldKind = "tcp4" | "tcp6only" | "udp4" | "udp6only" | "dual";
+
+/**
+ * Python lines that make \`s\`, an unbound socket of the \`kind\` in
+ * argv[1], for the \`port\` in argv[2].
+ */
+const PYTHON_SOCKET_OF_KIND = `
+import socket, sys
+kind, port = sys.argv[1], int(sys.argv[2])
+fam = socket.AF_INET if kind in ("tcp4", "udp4") else socket.AF_INET6
+typ = socket.SOCK_DGRAM if kind.startswith("udp") else socket.SOCK_STREAM
+s = socket.socket(fam, typ)
+if fam == socket.AF_INET6:
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if kind.endswith("6only") else 0)
+`;
 
 /**
  * Holds `port` (0: a port of the kernel's choice) with a socket of `kind`
@@ -216,14 +276,7 @@ export async function holdWithPython(
   kind: HoldKind,
   port = 0,
 ): Promise<{ port: number; release(): Promise<void> }> {
-  const script = `
-import socket, sys
-kind, port = sys.argv[1], int(sys.argv[2])
-fam = socket.AF_INET if kind in ("tcp4", "udp4") else socket.AF_INET6
-typ = socket.SOCK_DGRAM if kind.startswith("udp") else socket.SOCK_STREAM
-s = socket.socket(fam, typ)
-if fam == socket.AF_INET6:
-    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if kind.endswith("6only") else 0)
+  const script = `${PYTHON_SOCKET_OF_KIND}
 s.bind(("", port))
 if typ == socket.SOCK_STREAM:
     s.listen(1)
@@ -405,14 +458,7 @@ export async function canBindWithPython(
   kind: HoldKind,
   port: number,
 ): Promise<boolean> {
-  const script = `
-import socket, sys
-kind, port = sys.argv[1], int(sys.argv[2])
-fam = socket.AF_INET if kind in ("tcp4", "udp4") else socket.AF_INET6
-typ = socket.SOCK_DGRAM if kind.startswith("udp") else socket.SOCK_STREAM
-s = socket.socket(fam, typ)
-if fam == socket.AF_INET6:
-    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if kind.endswith("6only") else 0)
+  const script = `${PYTHON_SOCKET_OF_KIND}
 try:
     s.bind(("", port))
     if typ == socket.SOCK_STREAM:
