@@ -59,14 +59,7 @@ export function tool(name: string): string {
 
 /** The command that runs a script of this repo on the runtime running the test. */
 export function runtimeCommand(script: string): string[] {
-  const path = join(ROOT, script);
-  if (RUNTIME === "deno") {
-    const unstable = process.env.PORTPICKER_TEST_NO_UNSTABLE
-      ? []
-      : ["--unstable-net"];
-    return [g.Deno.execPath(), "run", "-A", "--no-config", ...unstable, path];
-  }
-  return [process.execPath, path];
+  return scriptCommand(join(ROOT, script));
 }
 
 /** What a finished process printed, and how it ended. */
