@@ -3,6 +3,14 @@
  * takes them back when the process dies. Wire-compatible with the Python
  * `portserver`: the client sends its pid and a newline, the server answers
  * with a port and a newline, or closes the connection with nothing written.
+ * It also answers this project's extended requests (TAKE, LEASE, RETURN,
+ * STATUS), whose protocol is defined once, in `mod.ts`.
+ *
+ * The file reads top to bottom: the public API; the pool (pure: no I/O, the
+ * owner check and the port check are passed in); the state file; client
+ * connections; the server's life cycle; the runtime adapter, the only code
+ * here that touches `Deno`, `Bun` or `process`. Command-line parsing lives
+ * in `cli.ts`.
  *
  * @example Embed a server
  * ```ts
@@ -16,24 +24,32 @@
  * @module
  */
 
-import * as fs from "node:fs";
-import { parseArgs } from "node:util";
 import {
-  ephemeralRange,
-  isLinux,
+  type AllocationStatus,
+  formatReply,
+  isExtendedRequest,
+  isPortFree,
+  LineReader,
+  parseClassicRequest,
+  parseRequest,
   processStartTime,
+  PROTOCOL_LIMITS,
   reservedPorts,
-} from "./claims.ts";
-import { isPortFree } from "./mod.ts";
+  type ServerRequest,
+} from "./mod.ts";
 
-// deno-lint-ignore no-explicit-any
-const runtime = globalThis as any;
-const deno: typeof Deno | undefined = runtime.Deno;
+// ===========================================================================
+// The public API.
 
 /** The Python server's default address. */
 export const DEFAULT_ADDRESS = "@unittest-portserver";
-/** The Python server's default pool. */
-export const DEFAULT_POOL = "15000-24999";
+/** The Python server's default pool: 15000–24999. */
+export const DEFAULT_POOL: readonly (readonly [number, number])[] = [[
+  15000,
+  24999,
+]];
+/** The largest state file read at start: a full pool with labels needs 11 MiB. */
+export const MAX_STATE_BYTES = 16 * 1024 * 1024;
 
 /** Options of {@linkcode startPortServer}. */
 export interface PortServerOptions {
@@ -45,16 +61,24 @@ export interface PortServerOptions {
   /** The ports to hand out, as inclusive `[first, last]` ranges. Default `[[15000, 24999]]`. */
   pool?: Iterable<readonly [number, number]>;
   /**
-   * A file that keeps the allocations, written atomically before each reply,
-   * so that a restarted server never hands out a port of a live owner.
+   * A file that keeps the allocations, written before each reply that hands
+   * out ports, so that a restarted server never hands out a port of a live
+   * owner.
    */
   statePath?: string;
   /** Log a line per request, not only per event. */
   verbose?: boolean;
   /** Where log lines go; default stderr. */
   log?: (line: string) => void;
-  /** How long a client may take to send its request; default 2000 ms. */
-  requestTimeoutMs?: number;
+  /**
+   * How long a client may take to send its request, and then to take its
+   * reply, in milliseconds; a slower client is dropped. Default 2000.
+   */
+  timeoutMs?: number;
+  /** The permissions of the socket file (say `0o660`); default the umask's. */
+  socketMode?: number;
+  /** The most client connections open at once; default 4096. */
+  maxConnections?: number;
 }
 
 /** The server's counters, as the Python server's statistics. */
@@ -69,7 +93,7 @@ export interface PortServerStats {
   numPortsCheckedForLastRequest: number;
   /** Ports handed out since the start. */
   totalAllocations: number;
-  /** Ports held now by a process not yet seen dead. */
+  /** Ports held now by a process not yet seen dead, or by a lease. */
   numPortsAllocated: number;
 }
 
@@ -81,249 +105,45 @@ export interface PortServer {
   stats(): PortServerStats;
   /** Logs the counters, as on SIGUSR1. */
   logStats(): void;
-  /** Stops listening, waits for the state file, removes the socket file. */
+  /**
+   * Stops listening, closes every connection (leases end), waits for the
+   * state file, removes the socket file.
+   */
   stop(): Promise<void>;
 }
 
-// ---------------------------------------------------------------------------
-// The pool.
-
-/** Who holds ports: a process (pid and start time), or a lease (pid 0). */
-interface Owner {
-  key: string;
-  pid: number;
-  startTime: number;
-  ports: Set<number>;
-}
-
-interface Allocation {
-  owner: Owner;
-  /** When it was handed out, in ms since the epoch. */
-  since: number;
-  label: string | undefined;
-}
-
-/** One allocation in the state file: port, pid, start time, since, label. */
-type SavedAllocation = [number, number, number, number?, string?];
-
-/** One allocation as the status request shows it. */
-export interface AllocationStatus {
-  /** The port. */
-  port: number;
-  /** The owner process, or null for a lease. */
-  pid: number | null;
-  /** Whether a lease (a connection kept open) holds it. */
-  lease: boolean;
-  /** When it was handed out, as an ISO 8601 time. */
-  since: string;
-  /** The label given with the request, or null. */
-  label: string | null;
-}
-
 /**
- * Ports and who holds them. Free ports wait in a queue, in round-robin order;
- * held ports are grouped by owner, so that finding dead owners costs one
- * look at each owner, not one at each port.
- */
-class Pool {
-  readonly size: number;
-  readonly #members: Set<number>;
-  /** Ports with no live owner, oldest first; `#queueHead` is the front. */
-  #queue: number[];
-  #queueHead = 0;
-  #owners = new Map<string, Owner>();
-  #allocations = new Map<number, Allocation>();
-
-  constructor(ports: number[]) {
-    this.size = ports.length;
-    this.#members = new Set(ports);
-    this.#queue = [...ports];
-  }
-
-  has(port: number): boolean {
-    return this.#members.has(port);
-  }
-
-  count(predicate: (port: number) => boolean): number {
-    let n = 0;
-    for (const port of this.#members) if (predicate(port)) n++;
-    return n;
-  }
-
-  get allocated(): number {
-    return this.#allocations.size;
-  }
-
-  /** Takes the next free port from the front of the queue. */
-  shift(): number | undefined {
-    if (this.#queueHead >= this.#queue.length) return undefined;
-    const port = this.#queue[this.#queueHead++];
-    // Compact now and then so that the queue does not grow without bound.
-    if (this.#queueHead > 1024 && this.#queueHead * 2 > this.#queue.length) {
-      this.#queue = this.#queue.slice(this.#queueHead);
-      this.#queueHead = 0;
-    }
-    return port;
-  }
-
-  /** Puts a port at the back of the queue: the last to be reused. */
-  push(port: number): void {
-    this.#queue.push(port);
-  }
-
-  get queued(): number {
-    return this.#queue.length - this.#queueHead;
-  }
-
-  /** The owner record of a live process; a reused pid drops the old one's. */
-  processOwner(pid: number, startTime: number): Owner {
-    const key = `pid:${pid}`;
-    let owner = this.#owners.get(key);
-    if (owner && owner.startTime !== startTime) {
-      // The pid was reused: the old owner is dead.
-      this.releaseOwner(owner);
-      owner = undefined;
-    }
-    if (!owner) {
-      owner = { key, pid, startTime, ports: new Set() };
-      this.#owners.set(key, owner);
-    }
-    return owner;
-  }
-
-  leaseOwner(id: number): Owner {
-    const owner = {
-      key: `lease:${id}`,
-      pid: 0,
-      startTime: 0,
-      ports: new Set<number>(),
-    };
-    this.#owners.set(owner.key, owner);
-    return owner;
-  }
-
-  assign(port: number, owner: Owner, label?: string, since = Date.now()): void {
-    owner.ports.add(port);
-    this.#allocations.set(port, { owner, since, label });
-  }
-
-  /** Whether `pid` holds `port`. */
-  holds(port: number, pid: number): boolean {
-    const allocation = this.#allocations.get(port);
-    return pid !== 0 && allocation?.owner.pid === pid;
-  }
-
-  /** Frees one port, if `pid` holds it. */
-  releasePort(port: number, pid: number): boolean {
-    const allocation = this.#allocations.get(port);
-    if (!allocation || allocation.owner.pid !== pid || pid === 0) return false;
-    allocation.owner.ports.delete(port);
-    this.#allocations.delete(port);
-    this.push(port);
-    return true;
-  }
-
-  /** Frees every port of every process that has died: one look per owner. */
-  sweep(): number {
-    let freed = 0;
-    for (const owner of [...this.#owners.values()]) {
-      // Leases end with their connection, not here.
-      if (owner.pid === 0) continue;
-      if (processStartTime(owner.pid) !== owner.startTime) {
-        freed += owner.ports.size;
-        this.releaseOwner(owner);
-      }
-    }
-    return freed;
-  }
-
-  releaseOwner(owner: Owner): void {
-    this.#owners.delete(owner.key);
-    for (const port of owner.ports) {
-      this.#allocations.delete(port);
-      this.push(port);
-    }
-    owner.ports.clear();
-  }
-
-  /** The allocations of processes, for the state file (leases end with us). */
-  saved(): SavedAllocation[] {
-    const out: SavedAllocation[] = [];
-    for (const [port, { owner, since, label }] of this.#allocations) {
-      if (owner.pid === 0) continue;
-      out.push(
-        label === undefined
-          ? [port, owner.pid, owner.startTime, since]
-          : [port, owner.pid, owner.startTime, since, label],
-      );
-    }
-    return out;
-  }
-
-  /** Restores allocations of owners still alive; the rest stay free. */
-  restore(allocations: SavedAllocation[]): number {
-    const held = new Set<number>();
-    for (const [port, pid, startTime, since, label] of allocations) {
-      if (!this.has(port) || held.has(port)) continue;
-      if (processStartTime(pid) !== startTime) continue;
-      held.add(port);
-      this.assign(port, this.processOwner(pid, startTime), label, since);
-    }
-    this.#queue = this.#queue.filter((port) => !held.has(port));
-    this.#queueHead = 0;
-    return held.size;
-  }
-
-  status(): AllocationStatus[] {
-    return [...this.#allocations]
-      .sort(([a], [b]) => a - b)
-      .map(([port, { owner, since, label }]) => ({
-        port,
-        pid: owner.pid === 0 ? null : owner.pid,
-        lease: owner.pid === 0,
-        since: new Date(since).toISOString(),
-        label: label ?? null,
-      }));
-  }
-}
-
-/**
- * Parses `N-P[,N-P...]` as the Python server does: a range that cannot be
- * parsed, or lies outside 1–65535, is skipped and reported to `onError`.
+ * Starts a port server.
  *
- * @param spec The ranges, as `15000-24999` or `20000-20099,30000-30099`.
- * @param onError Told about each range skipped.
- * @returns The ranges kept, inclusive.
+ * @param options See {@linkcode PortServerOptions}.
+ * @returns The running server.
+ * @throws {Error} When the pool is empty, another server serves the address,
+ * the state file cannot be read or written, or the address cannot be
+ * listened on; the message is one line that names the cause.
  *
  * @example
  * ```ts
- * import { parsePortRanges } from "@x/portpicker/portserver";
+ * import { startPortServer } from "@x/portpicker/portserver";
  *
- * parsePortRanges("20000-20099,30000-30099"); // [[20000, 20099], [30000, 30099]]
+ * const server = await startPortServer({ address: "/tmp/ports.sock", pool: [[20000, 20099]] });
+ * console.log(server.stats().numPortsManaged); // 100
+ * await server.stop();
  * ```
  */
-export function parsePortRanges(
-  spec: string,
-  onError: (message: string) => void = () => {},
-): [number, number][] {
-  const ranges: [number, number][] = [];
-  for (const part of spec.split(",")) {
-    const match = /^\s*([+-]?\d+)\s*-\s*([+-]?\d+)\s*$/.exec(part);
-    if (!match) {
-      onError(`Ignoring unparsable port range '${part}'.`);
-      continue;
-    }
-    const first = Number(match[1]);
-    const last = Number(match[2]);
-    if (first < 1 || last > 65535) {
-      onError(`Ignoring out of bounds port range '${part}'.`);
-      continue;
-    }
-    ranges.push([first, last]);
-  }
-  return ranges;
+export async function startPortServer(
+  options: PortServerOptions = {},
+): Promise<PortServer> {
+  requireProcAccess();
+  const reserved = reservedPorts();
+  const ports = poolPorts(options.pool ?? DEFAULT_POOL)
+    .filter((port) => !reserved.has(port));
+  if (ports.length === 0) throw new Error("No ports in the pool.");
+  const server = new Server(options, ports);
+  await server.open();
+  return server;
 }
 
+/** The ports of some inclusive ranges, each once, in order. */
 function poolPorts(ranges: Iterable<readonly [number, number]>): number[] {
   const ports = new Set<number>();
   for (const [first, last] of ranges) {
@@ -334,167 +154,645 @@ function poolPorts(ranges: Iterable<readonly [number, number]>): number[] {
   return [...ports].sort((a, b) => a - b);
 }
 
-// ---------------------------------------------------------------------------
-// Requests.
+// ===========================================================================
+// The pool: which port is held by whom. Pure: no I/O; whether a process
+// lives and whether a port is free are asked of the caller.
 
-const MAX_REQUEST = 20;
-/** Extended requests (they start with a letter) may carry a label. */
-const MAX_EXTENDED_REQUEST = 1024;
-/** After data without a newline, how long to wait for more (Python takes the first chunk). */
-const REQUEST_IDLE_MS = 50;
-const MAX_COUNT = 1000;
+/** Whether the process `pid` that started at `startTime` still lives. */
+export type AliveCheck = (pid: number, startTime: number) => boolean;
 
-/** One client connection: its bytes in, at most one reply out. */
-interface Connection {
-  write(text: string): Promise<void>;
-  close(): void;
+/** One allocation in the state file: port, pid, start time, since, label. */
+export type SavedAllocation = [number, number, number, number, string?];
+
+/** What {@linkcode PortPool.take} did. */
+export interface Taken {
+  /** The ports given, or undefined when there were not enough. */
+  ports: number[] | undefined;
+  /** How many ports were examined. */
+  checked: number;
+  /** Ports of the pool found in use by something else (skipped). */
+  inUse: number[];
+}
+
+interface Owner {
+  /** 0 for a lease. */
+  pid: number;
+  startTime: number;
+  slots: Set<number>;
 }
 
 /**
- * What to do with a request: write `reply` (nothing: close without a word),
- * and for a lease, keep the connection open and call `onClose` when it ends.
- */
-interface Answer {
-  reply?: string;
-  onClose?: () => void;
-}
-
-/** An extended request: a verb and `key=value` arguments, on one line. */
-export interface ExtendedRequest {
-  /** TAKE, LEASE, RETURN or STATUS. */
-  verb: "TAKE" | "LEASE" | "RETURN" | "STATUS";
-  /** The owner, for TAKE and RETURN. */
-  pid?: number;
-  /** How many ports, for TAKE and LEASE; default 1. */
-  count: number;
-  /** The ports to give back, for RETURN. */
-  ports: number[];
-  /** Stored with the allocation, for TAKE and LEASE. */
-  label?: string;
-}
-
-const VERBS: Record<ExtendedRequest["verb"], string[]> = {
-  TAKE: ["pid", "count", "label"],
-  LEASE: ["count", "label"],
-  RETURN: ["pid", "ports"],
-  STATUS: [],
-};
-
-/**
- * Parses an extended request, as `TAKE pid=1234 count=3 label=web`. The
- * Python server rejects every one of them (they are not a number), so its
- * clients and ours can tell the two servers apart.
- *
- * @param text The request line.
- * @returns The request, or an error message naming what is wrong.
+ * The ports of a server and who holds them, in typed arrays: no object per
+ * port. Free ports wait in a ring, in round-robin order, so that a port
+ * given back is the last to be reused; held ports are grouped by owner, so
+ * that finding dead owners costs one look at each owner, not at each port.
  *
  * @example
  * ```ts
- * import { parseExtendedRequest } from "@x/portpicker/portserver";
+ * import { PortPool } from "@x/portpicker/portserver";
  *
- * parseExtendedRequest("TAKE pid=1234 count=2\n"); // { verb: "TAKE", pid: 1234, count: 2, ports: [] }
+ * const pool = new PortPool([20000, 20001]);
+ * const owner = pool.ownerOf(1234, 5678);
+ * const { ports } = await pool.take(1, owner, undefined, async () => true, () => true);
+ * console.log(ports); // [20000]
  * ```
  */
-export function parseExtendedRequest(text: string): ExtendedRequest | string {
-  const line = text.replace(/\r?\n$/, "");
-  if (!/^[\x20-\x7e]*$/.test(line)) return "not one line of printable ASCII";
-  const [verb, ...args] = line.split(" ").filter((t) => t !== "");
-  if (!(verb in VERBS)) return `unknown request ${JSON.stringify(verb ?? "")}`;
-  const request: ExtendedRequest = {
-    verb: verb as ExtendedRequest["verb"],
-    count: 1,
-    ports: [],
-  };
-  const allowedKeys = VERBS[request.verb];
-  for (const arg of args) {
-    const eq = arg.indexOf("=");
-    const key = eq > 0 ? arg.slice(0, eq) : arg;
-    const value = arg.slice(eq + 1);
-    if (eq <= 0 || !allowedKeys.includes(key)) {
-      return `unexpected ${JSON.stringify(arg)} in ${verb}`;
+export class PortPool {
+  /** How many ports it has. */
+  readonly size: number;
+  readonly #slotOf = new Int32Array(65536).fill(-1);
+  readonly #port: Uint16Array;
+  /** Per slot: its owner's id, 0 when free. */
+  readonly #owner: Int32Array;
+  /** Per slot: when it was handed out, ms since the epoch. */
+  readonly #since: Float64Array;
+  readonly #labels = new Map<number, string>();
+  /** Free slots, a ring: `#head` is the front, `#queued` how many. */
+  readonly #ring: Int32Array;
+  #head = 0;
+  #queued = 0;
+  #owners = new Map<number, Owner>();
+  #byPid = new Map<number, number>();
+  #nextOwner = 1;
+  #allocated = 0;
+
+  /**
+   * Makes a pool of free ports.
+   *
+   * @param ports The ports, each 1 to 65535; repeats are ignored.
+   */
+  constructor(ports: Iterable<number>) {
+    const list = [...new Set(ports)];
+    this.size = list.length;
+    this.#port = Uint16Array.from(list);
+    this.#owner = new Int32Array(list.length);
+    this.#since = new Float64Array(list.length);
+    this.#ring = new Int32Array(list.length);
+    list.forEach((port, slot) => {
+      this.#slotOf[port] = slot;
+      this.#push(slot);
+    });
+  }
+
+  /** How many ports are held. */
+  get allocated(): number {
+    return this.#allocated;
+  }
+
+  /** Whether `port` is in the pool. */
+  has(port: number): boolean {
+    return Number.isInteger(port) && port > 0 && port < 65536 &&
+      this.#slotOf[port] >= 0;
+  }
+
+  /** How many ports of the pool lie in `[first, last]`. */
+  countIn(first: number, last: number): number {
+    let n = 0;
+    for (const port of this.#port) if (port >= first && port <= last) n++;
+    return n;
+  }
+
+  /**
+   * The owner id of a live process; a pid now naming another process (its
+   * start time changed) drops the old owner's ports first.
+   *
+   * @param pid The process.
+   * @param startTime Its start time.
+   * @returns Its owner id.
+   */
+  ownerOf(pid: number, startTime: number): number {
+    const id = this.#byPid.get(pid);
+    if (id !== undefined) {
+      if (this.#owners.get(id)!.startTime === startTime) return id;
+      this.releaseOwner(id);
     }
-    if (key === "pid" || key === "count") {
-      if (!/^\d{1,10}$/.test(value)) {
-        return `invalid ${key} ${JSON.stringify(value)}`;
+    const next = this.#newOwner(pid, startTime);
+    this.#byPid.set(pid, next);
+    return next;
+  }
+
+  /** A new owner for a lease, which ends with its connection. */
+  leaseOwner(): number {
+    return this.#newOwner(0, 0);
+  }
+
+  /**
+   * Takes `count` free ports for `owner`, round-robin, each checked with
+   * `isFree`; when the free ring runs dry, the ports of dead processes
+   * (asked of `alive`) are reclaimed once. All or none: ports found go back
+   * when there are too few.
+   *
+   * @param count How many.
+   * @param owner The owner id.
+   * @param label Stored with each port.
+   * @param isFree Whether a port is free on TCP and UDP.
+   * @param alive Whether a process still lives.
+   * @param now The time to record.
+   * @returns The ports, how many were examined, and those found in use.
+   */
+  async take(
+    count: number,
+    owner: number,
+    label: string | undefined,
+    isFree: (port: number) => Promise<boolean>,
+    alive: AliveCheck,
+    now: number = Date.now(),
+  ): Promise<Taken> {
+    const slots: number[] = [];
+    const inUse: number[] = [];
+    let checked = 0;
+    let budget = this.#queued;
+    let swept = false;
+    while (slots.length < count) {
+      if (budget === 0) {
+        if (swept) break;
+        swept = true;
+        this.reclaim(alive);
+        budget = this.#queued;
+        continue;
       }
-      request[key] = Number(value);
-    } else if (key === "label") {
-      if (value.length === 0 || value.length > 100) {
-        return "a label has 1 to 100 characters";
+      budget--;
+      const slot = this.#shift();
+      checked++;
+      if (await isFree(this.#port[slot])) {
+        slots.push(slot);
+      } else {
+        inUse.push(this.#port[slot]);
+        this.#push(slot);
       }
-      request.label = value;
-    } else {
-      const ports = value.split(",");
-      if (
-        !ports.every((p) =>
-          /^\d{1,5}$/.test(p) && Number(p) >= 1 && Number(p) <= 65535
-        )
-      ) {
-        return `invalid ports ${JSON.stringify(value)}`;
+    }
+    if (slots.length < count || !this.#owners.has(owner)) {
+      for (const slot of slots) this.#push(slot);
+      return { ports: undefined, checked, inUse };
+    }
+    for (const slot of slots) this.#assign(slot, owner, label, now);
+    return { ports: slots.map((s) => this.#port[s]), checked, inUse };
+  }
+
+  /**
+   * Whether `pid` holds every one of `ports`.
+   *
+   * @param ports The ports.
+   * @param pid The process.
+   */
+  holdsAll(ports: readonly number[], pid: number): boolean {
+    const id = this.#byPid.get(pid);
+    return id !== undefined &&
+      ports.every((port) =>
+        this.has(port) && this.#owner[this.#slotOf[port]] === id
+      );
+  }
+
+  /**
+   * Frees ports held by `owner` (others are left alone).
+   *
+   * @param ports The ports.
+   * @param owner The owner id, or a pid's with {@linkcode PortPool.ownerIdOf}.
+   * @returns The ports freed.
+   */
+  release(ports: readonly number[], owner: number): number[] {
+    const freed: number[] = [];
+    const o = this.#owners.get(owner);
+    for (const port of ports) {
+      const slot = this.has(port) ? this.#slotOf[port] : -1;
+      if (slot < 0 || this.#owner[slot] !== owner) continue;
+      o!.slots.delete(slot);
+      this.#free(slot);
+      freed.push(port);
+    }
+    return freed;
+  }
+
+  /** The owner id of `pid`, if it holds anything. */
+  ownerIdOf(pid: number): number | undefined {
+    return this.#byPid.get(pid);
+  }
+
+  /** Frees every port of `owner` and forgets it; returns its ports. */
+  releaseOwner(owner: number): number[] {
+    const o = this.#owners.get(owner);
+    if (!o) return [];
+    this.#owners.delete(owner);
+    if (o.pid !== 0 && this.#byPid.get(o.pid) === owner) {
+      this.#byPid.delete(o.pid);
+    }
+    const ports = [...o.slots].map((slot) => this.#port[slot]);
+    for (const slot of o.slots) this.#free(slot);
+    return ports;
+  }
+
+  /** Frees the ports of every process that died: one look per owner. */
+  reclaim(alive: AliveCheck): number {
+    let freed = 0;
+    for (const [id, owner] of [...this.#owners]) {
+      // Leases end with their connection, not here.
+      if (owner.pid === 0 || alive(owner.pid, owner.startTime)) continue;
+      freed += this.releaseOwner(id).length;
+    }
+    return freed;
+  }
+
+  /** The allocations of processes, for the state file (leases end with us). */
+  saved(): SavedAllocation[] {
+    const out: SavedAllocation[] = [];
+    for (const owner of this.#owners.values()) {
+      if (owner.pid === 0) continue;
+      for (const slot of owner.slots) {
+        const entry: SavedAllocation = [
+          this.#port[slot],
+          owner.pid,
+          owner.startTime,
+          this.#since[slot],
+        ];
+        const label = this.#labels.get(slot);
+        if (label !== undefined) entry.push(label);
+        out.push(entry);
       }
-      request.ports = ports.map(Number);
+    }
+    return out;
+  }
+
+  /**
+   * Restores allocations of owners still alive (the rest stay free); ports
+   * not in the pool and repeated ports are skipped.
+   *
+   * @param entries Allocations, checked in form by the caller.
+   * @param alive Whether a process still lives.
+   * @returns How many were restored.
+   */
+  restore(entries: readonly SavedAllocation[], alive: AliveCheck): number {
+    let restored = 0;
+    const verdicts = new Map<string, boolean>();
+    const held = new Set<number>();
+    for (const [port, pid, startTime, since, label] of entries) {
+      if (!this.has(port) || held.has(port)) continue;
+      const key = `${pid} ${startTime}`;
+      let live = verdicts.get(key);
+      if (live === undefined) verdicts.set(key, live = alive(pid, startTime));
+      if (!live) continue;
+      held.add(port);
+      this.#assign(
+        this.#slotOf[port],
+        this.ownerOf(pid, startTime),
+        label,
+        since,
+      );
+      restored++;
+    }
+    // The ring again, without the restored ports, in the pool's order.
+    this.#head = this.#queued = 0;
+    for (let slot = 0; slot < this.size; slot++) {
+      if (this.#owner[slot] === 0) this.#push(slot);
+    }
+    return restored;
+  }
+
+  /**
+   * Who holds which port, by port.
+   *
+   * @param alive Whether a process still lives (asked once per owner).
+   * @returns The allocations, as the STATUS request shows them.
+   */
+  status(alive: AliveCheck): AllocationStatus[] {
+    const out: AllocationStatus[] = [];
+    for (const owner of this.#owners.values()) {
+      const live = owner.pid === 0 || alive(owner.pid, owner.startTime);
+      for (const slot of owner.slots) {
+        out.push({
+          port: this.#port[slot],
+          pid: owner.pid === 0 ? null : owner.pid,
+          lease: owner.pid === 0,
+          alive: live,
+          since: new Date(this.#since[slot]).toISOString(),
+          label: this.#labels.get(slot) ?? null,
+        });
+      }
+    }
+    return out.sort((a, b) => a.port - b.port);
+  }
+
+  #newOwner(pid: number, startTime: number): number {
+    const id = this.#nextOwner++;
+    this.#owners.set(id, { pid, startTime, slots: new Set() });
+    return id;
+  }
+
+  #assign(slot: number, owner: number, label: string | undefined, t: number) {
+    this.#owner[slot] = owner;
+    this.#since[slot] = t;
+    if (label !== undefined) this.#labels.set(slot, label);
+    this.#owners.get(owner)!.slots.add(slot);
+    this.#allocated++;
+  }
+
+  #free(slot: number): void {
+    this.#owner[slot] = 0;
+    this.#labels.delete(slot);
+    this.#allocated--;
+    this.#push(slot);
+  }
+
+  #push(slot: number): void {
+    this.#ring[(this.#head + this.#queued++) % this.size] = slot;
+  }
+
+  #shift(): number {
+    const slot = this.#ring[this.#head];
+    this.#head = (this.#head + 1) % this.size;
+    this.#queued--;
+    return slot;
+  }
+}
+
+/** The pool's check of an owner: its pid still names the same process. */
+const alive: AliveCheck = (pid, startTime) =>
+  processStartTime(pid) === startTime;
+
+// ===========================================================================
+// The state file: `{"version":1,"allocations":[[port,pid,start,since,label?]]}`,
+// written to an unpredictable temporary name made exclusively (never through
+// a link), then renamed over the file. Handed-out ports are on disk before
+// the reply; ports given back may reach the disk later, which errs on the
+// side of holding.
+
+class StateFile {
+  readonly path: string;
+  #writing: Promise<void> = Promise.resolve();
+  #next: Promise<void> | undefined;
+  #snapshot: () => SavedAllocation[];
+
+  constructor(path: string, snapshot: () => SavedAllocation[]) {
+    this.path = path;
+    this.#snapshot = snapshot;
+  }
+
+  /**
+   * Reads the allocations; entries that are not well-formed are dropped,
+   * and counted in `dropped`. A file that is not a state file at all is
+   * moved aside; one that is too large stops the start.
+   */
+  async load(
+    warn: (message: string) => void,
+  ): Promise<{ entries: SavedAllocation[]; dropped: number }> {
+    removeLeftovers(this.path);
+    const text = await readState(this.path, MAX_STATE_BYTES);
+    if (text === undefined) return { entries: [], dropped: 0 };
+    let data: { version?: unknown; allocations?: unknown };
+    try {
+      data = JSON.parse(text);
+      if (data?.version !== 1 || !Array.isArray(data.allocations)) {
+        throw new Error("not a port server state file");
+      }
+    } catch (error) {
+      const aside = `${this.path}.corrupt-${Date.now()}`;
+      await files.rename(this.path, aside);
+      warn(
+        `State file ${this.path} is corrupt (${
+          (error as Error).message
+        }): moved aside to ${aside}; starting with no allocations.`,
+      );
+      return { entries: [], dropped: 0 };
+    }
+    const entries = data.allocations.filter(wellFormed);
+    const now = Date.now();
+    for (const entry of entries) entry[3] ??= now;
+    return { entries, dropped: data.allocations.length - entries.length };
+  }
+
+  /**
+   * Writes the pool as it is when the write starts. Calls made while a write
+   * runs share the next one: one write serves every request of a burst.
+   */
+  save(): Promise<void> {
+    return this.#next ??= this.#writing.catch(() => {}).then(() => {
+      this.#next = undefined;
+      const text = JSON.stringify({
+        version: 1,
+        allocations: this.#snapshot(),
+      });
+      return this.#writing = writeAtomically(this.path, text);
+    });
+  }
+
+  async flush(): Promise<void> {
+    await this.#next?.catch(() => {});
+    await this.#writing.catch(() => {});
+  }
+}
+
+/** An allocation as a state file may hold it, every field checked. */
+function wellFormed(entry: unknown): entry is SavedAllocation {
+  if (!Array.isArray(entry) || entry.length < 3 || entry.length > 5) {
+    return false;
+  }
+  const [port, pid, startTime, since = 0, label] = entry;
+  return Number.isInteger(port) && port >= 1 && port <= 65535 &&
+    Number.isInteger(pid) && pid >= 2 && pid <= 0x7fffffff &&
+    Number.isSafeInteger(startTime) && startTime >= 0 &&
+    Number.isFinite(since) && Math.abs(since) <= 8.64e15 &&
+    (entry.length < 4 || typeof entry[3] === "number") &&
+    (label === undefined ||
+      (typeof label === "string" && /^[\x21-\x7e]{1,100}$/.test(label)));
+}
+
+async function writeAtomically(path: string, text: string): Promise<void> {
+  const temporary = `${path}.tmp-${randomHex()}`;
+  try {
+    await files.writeNew(temporary, text);
+    await files.rename(temporary, path);
+  } catch (error) {
+    await files.remove(temporary).catch(() => {});
+    throw error;
+  }
+}
+
+/** Temporary files of a server killed mid-write. */
+function removeLeftovers(path: string): void {
+  const slash = path.lastIndexOf("/");
+  const dir = slash < 0 ? "." : path.slice(0, slash) || "/";
+  const prefix = `${path.slice(slash + 1)}.tmp-`;
+  for (const name of files.list(dir)) {
+    if (
+      name.startsWith(prefix) &&
+      /^[0-9a-f]{16}$/.test(name.slice(prefix.length))
+    ) {
+      files.removeSync(`${dir}/${name}`);
     }
   }
-  if (
-    (request.verb === "TAKE" || request.verb === "RETURN") &&
-    request.pid === undefined
-  ) {
-    return `${verb} needs pid=`;
+}
+
+function randomHex(): string {
+  const bytes = crypto.getRandomValues(new Uint8Array(8));
+  return [...bytes].map((b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+// ===========================================================================
+// Client connections: one request each, read to its newline under a limit
+// and a deadline; one reply, written under a deadline; a lease holds its
+// connection open and ends when the connection does, by any path.
+
+/** The transport of one connection, as the runtime adapter gives it. */
+interface Transport {
+  /** Writes all of `bytes`; resolves once the kernel has taken them. */
+  write(bytes: Uint8Array): Promise<void>;
+  /** Closes the connection (idempotent). */
+  close(): void;
+}
+
+/** After data without a newline, how long a classic request may pause (Python takes the first chunk). */
+const CLASSIC_IDLE_MS = 50;
+/** The most bytes of replies waiting for slow readers, all connections together. */
+const MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024;
+/** Repeated events (dropped clients, accept failures) are logged this often. */
+const LOG_INTERVAL_MS = 10_000;
+
+/** What to do with a request: the reply, and for a lease, its end. */
+interface Answer {
+  reply?: Uint8Array;
+  onEnd?: () => void;
+}
+
+class Connection {
+  #server: Server;
+  #transport: Transport;
+  #reader: LineReader | undefined;
+  #bytes: Uint8Array[] = [];
+  #state: "reading" | "answering" | "leased" | "closed" = "reading";
+  #timer: ReturnType<typeof setTimeout> | undefined;
+  #idle: ReturnType<typeof setTimeout> | undefined;
+  #onEnd: (() => void) | undefined;
+  #ended = false;
+
+  constructor(server: Server, transport: Transport) {
+    this.#server = server;
+    this.#transport = transport;
+    this.#timer = setTimeout(() => {
+      server.clientError(`no complete request within ${server.timeoutMs} ms`);
+      this.close();
+    }, server.timeoutMs);
   }
-  if (request.verb === "RETURN" && request.ports.length === 0) {
-    return "RETURN needs ports=";
+
+  /** Whether reading on is pointless: a classic request was answered. */
+  get done(): boolean {
+    return this.#state === "closed" ||
+      (this.#state === "answering" && this.#reader === undefined);
   }
-  if (request.count < 1 || request.count > MAX_COUNT) {
-    return `invalid count ${request.count}: expected 1 to ${MAX_COUNT}`;
+
+  data(chunk: Uint8Array): void {
+    if (this.#state !== "reading") return;
+    if (!this.#reader && this.#bytes.length === 0) {
+      const extended = isExtendedRequest(chunk);
+      if (extended) this.#reader = new LineReader(PROTOCOL_LIMITS.request);
+    }
+    if (this.#reader) {
+      let line: string | undefined;
+      try {
+        line = this.#reader.push(chunk);
+      } catch (error) {
+        return this.#refuse((error as Error).message);
+      }
+      if (line !== undefined) this.#answer(() => this.#server.extended(line));
+      return;
+    }
+    this.#bytes.push(chunk);
+    clearTimeout(this.#idle);
+    const size = this.#bytes.reduce((n, c) => n + c.length, 0);
+    if (size > PROTOCOL_LIMITS.classicRequest || chunk.includes(10)) {
+      return this.#classic();
+    }
+    this.#idle = setTimeout(() => this.#classic(), CLASSIC_IDLE_MS);
   }
-  return request;
-}
 
-const isLetter = (byte: number | undefined): boolean =>
-  byte !== undefined &&
-  ((byte >= 0x41 && byte <= 0x5a) || (byte >= 0x61 && byte <= 0x7a));
-
-/**
- * Whether a request is an extended one: it starts with one of our verbs.
- * Anything else, garbage that starts with a letter too, is a classic request
- * and gets the classic treatment for a bad one: closed with nothing written.
- */
-function isExtended(bytes: Uint8Array): boolean {
-  const head = String.fromCharCode(...bytes.subarray(0, 7));
-  return /^(TAKE|LEASE|RETURN|STATUS)([ \r\n]|$)/.test(head);
-}
-
-/** The pid in a request, or undefined for one the Python server rejects. */
-export function parseRequest(bytes: Uint8Array): number | undefined {
-  if (bytes.length > MAX_REQUEST || bytes.length === 0) return undefined;
-  let text = "";
-  for (const b of bytes) {
-    if (b > 0x7f) return undefined;
-    text += String.fromCharCode(b);
+  /** The client closed its sending side (or the whole connection). */
+  end(): void {
+    this.#ended = true;
+    if (this.#state === "reading") {
+      if (this.#reader) {
+        if (this.#reader.size === 0) return this.close();
+        return this.#refuse("a request without a newline");
+      }
+      if (this.#bytes.length) return this.#classic();
+      return this.close();
+    }
+    // A lease lasts while the connection is open, both ways.
+    if (this.#state === "leased") this.close();
   }
-  // As Python's int(): surrounding white space, a sign, digit groups with "_".
-  const match = /^[ \t\n\r\f\v]*([+-]?\d+(?:_\d+)*)[ \t\n\r\f\v]*$/.exec(text);
-  return match ? Number(match[1].replaceAll("_", "")) : undefined;
+
+  close(): void {
+    if (this.#state === "closed") return;
+    this.#state = "closed";
+    clearTimeout(this.#timer);
+    clearTimeout(this.#idle);
+    const onEnd = this.#onEnd;
+    this.#onEnd = undefined;
+    onEnd?.();
+    this.#transport.close();
+    this.#server.forget(this);
+  }
+
+  #classic(): void {
+    if (this.#state !== "reading") return;
+    clearTimeout(this.#idle);
+    const bytes = this.#bytes.length === 1
+      ? this.#bytes[0]
+      : concatBytes(this.#bytes);
+    this.#answer(() => this.#server.classic(bytes));
+  }
+
+  #refuse(why: string): void {
+    this.#server.clientError(why);
+    this.#answer(() => Promise.resolve({ reply: errorReply(why) }));
+  }
+
+  #answer(handle: () => Promise<Answer>): void {
+    this.#state = "answering";
+    clearTimeout(this.#timer);
+    clearTimeout(this.#idle);
+    handle().then(
+      (answer) => this.#reply(answer),
+      (error) => {
+        this.#server.warn(`Request failed: ${(error as Error).message}`);
+        this.close();
+      },
+    );
+  }
+
+  async #reply({ reply, onEnd }: Answer): Promise<void> {
+    if (this.#state === "closed") return onEnd?.();
+    this.#onEnd = onEnd;
+    if (reply) {
+      if (!this.#server.reserveBytes(reply.length)) return this.close();
+      this.#timer = setTimeout(() => {
+        this.#server.dropped("did not take its reply", this.#server.timeoutMs);
+        this.close();
+      }, this.#server.timeoutMs);
+      try {
+        await this.#transport.write(reply);
+      } catch {
+        return this.close();
+      } finally {
+        clearTimeout(this.#timer);
+        this.#server.reserveBytes(-reply.length);
+      }
+    }
+    // Closed meanwhile (the deadline, or the client went away)?
+    if ((this.#state as string) === "closed") return;
+    if (!onEnd || this.#ended) return this.close();
+    this.#state = "leased";
+  }
 }
 
-function formatLog(level: "I" | "W" | "E", message: string): string {
-  const now = new Date();
-  const two = (n: number) => String(n).padStart(2, "0");
-  const stamp = `${two(now.getMonth() + 1)}${two(now.getDate())} ${
-    two(now.getHours())
-  }:${two(now.getMinutes())}:${two(now.getSeconds())}.${
-    String(now.getMilliseconds()).padStart(3, "0")
-  }`;
-  return `${level}${stamp} ${currentPid()} portserver] ${message}`;
+function errorReply(why: string): Uint8Array {
+  return encoder.encode(formatReply({ ok: false, error: why }));
 }
 
-function currentPid(): number {
-  return deno ? deno.pid : runtime.process.pid;
-}
+// ===========================================================================
+// The server's life cycle: open, answer, stop.
 
 class Server implements PortServer {
   readonly address: string;
-  readonly #pool: Pool;
+  readonly timeoutMs: number;
+  readonly #pool: PortPool;
   readonly #options: PortServerOptions;
   readonly #log: (line: string) => void;
   #counters = {
@@ -506,16 +804,22 @@ class Server implements PortServer {
   /** Allocations run one at a time: each awaits the previous. */
   #queue: Promise<unknown> = Promise.resolve();
   #state: StateFile | undefined;
-  #close: (() => Promise<void>) | undefined;
+  #listener: Listener | undefined;
   #connections = new Set<Connection>();
   #stopped: Promise<void> | undefined;
-  #leases = 0;
+  #bytesInFlight = 0;
+  #maxConnections: number;
+  /** The last STATUS reply, encoded once and shared until the pool changes. */
+  #status: { reply: Uint8Array; at: number } | undefined;
+  #limited = new Map<string, { count: number; timer: unknown }>();
 
   constructor(options: PortServerOptions, ports: number[]) {
     this.address = options.address ?? DEFAULT_ADDRESS;
+    this.timeoutMs = options.timeoutMs ?? 2000;
     this.#options = options;
-    this.#pool = new Pool(ports);
+    this.#pool = new PortPool(ports);
     this.#log = options.log ?? ((line) => console.error(line));
+    this.#maxConnections = options.maxConnections ?? 4096;
   }
 
   info(message: string): void {
@@ -548,26 +852,40 @@ class Server implements PortServer {
   }
 
   async open(): Promise<void> {
-    if (this.#options.statePath) {
-      this.#state = new StateFile(this.#options.statePath, this);
-      const restored = this.#pool.restore(await this.#state.load());
+    const path = this.#options.statePath;
+    if (path) {
+      this.#state = new StateFile(path, () => this.#pool.saved());
+      const { entries, dropped } = await this.#state.load((m) => this.warn(m));
+      if (dropped > 0) {
+        this.warn(
+          `State file ${path}: dropped ${dropped} invalid ${
+            dropped === 1 ? "entry" : "entries"
+          } (bad port, pid, time or label).`,
+        );
+      }
+      const restored = this.#pool.restore(entries, alive);
       if (restored) {
         this.info(`Restored ${restored} allocations of live processes.`);
       }
       // A state file that cannot be written must stop us now, not fail
       // every request later.
       try {
-        await this.#save();
+        await this.#state.save();
       } catch (error) {
         throw new Error(
-          `Cannot write the state file ${this.#options.statePath}: ${
-            (error as Error).message
-          }`,
+          `Cannot write the state file ${path}: ${(error as Error).message}`,
         );
       }
     }
     this.#warnEphemeralOverlap();
-    this.#close = await listen(this.address, this);
+    this.#listener = await listenUnix(this.address, {
+      accept: (transport) => this.#accept(transport),
+      acceptFailed: (error) =>
+        this.#limit(
+          "accept",
+          `Cannot accept connections (${error.message}): pausing, serving again as soon as descriptors come back`,
+        ),
+    }, this.#options.socketMode);
     this.info(`Serving on ${this.address}`);
   }
 
@@ -575,9 +893,7 @@ class Server implements PortServer {
   #warnEphemeralOverlap(): void {
     const range = ephemeralRange();
     if (!range) return;
-    const overlap = this.#pool.count((port) =>
-      port >= range[0] && port <= range[1]
-    );
+    const overlap = this.#pool.countIn(range[0], range[1]);
     if (overlap > 0) {
       this.warn(
         `${overlap} ports of the pool lie in the kernel's ephemeral range ${
@@ -589,14 +905,16 @@ class Server implements PortServer {
     }
   }
 
-  /** A new client: read its request, with a deadline. */
-  accept(connection: Connection): Session {
+  #accept(transport: Transport): Connection | undefined {
+    if (this.#stopped) return void transport.close();
+    if (this.#connections.size >= this.#maxConnections) {
+      transport.close();
+      this.dropped(`was over the limit of ${this.#maxConnections} connections`);
+      return undefined;
+    }
+    const connection = new Connection(this, transport);
     this.#connections.add(connection);
-    return new Session(
-      this,
-      connection,
-      this.#options.requestTimeoutMs ?? 2000,
-    );
+    return connection;
   }
 
   forget(connection: Connection): void {
@@ -608,215 +926,230 @@ class Server implements PortServer {
     this.warn(`Could not parse request: ${why}`);
   }
 
-  /** Answers one request; allocations run one at a time, in order. */
-  handle(bytes: Uint8Array): Promise<Answer> {
-    const answer = this.#queue.then(() =>
-      isExtended(bytes) ? this.#extended(bytes) : this.#classic(bytes)
+  /** Counts bytes of replies in flight; false when `n` more would pass the cap. */
+  reserveBytes(n: number): boolean {
+    if (n > 0 && this.#bytesInFlight + n > MAX_BYTES_IN_FLIGHT) {
+      this.dropped(
+        `had a reply that would pass ${MAX_BYTES_IN_FLIGHT} bytes in flight to slow readers`,
+      );
+      return false;
+    }
+    this.#bytesInFlight += n;
+    return true;
+  }
+
+  /** A client dropped; logged once per interval with a count. */
+  dropped(why: string, ms?: number): void {
+    this.#limit(
+      why,
+      `Dropped a client that ${why}${ms ? ` within ${ms} ms` : ""}`,
     );
-    this.#queue = answer.catch(() => {});
-    return answer;
+  }
+
+  /** Logs `message` now, and then at most once per interval, with how many it stands for. */
+  #limit(key: string, message: string): void {
+    const seen = this.#limited.get(key);
+    if (seen) return void seen.count++;
+    this.warn(message);
+    const entry = { count: 0, timer: undefined as unknown };
+    entry.timer = unrefTimer(() => {
+      this.#limited.delete(key);
+      if (entry.count > 0) {
+        this.warn(
+          `${message}: ${entry.count} more times in the last ${
+            LOG_INTERVAL_MS / 1000
+          } s`,
+        );
+      }
+    }, LOG_INTERVAL_MS);
+    this.#limited.set(key, entry);
+  }
+
+  #serial<T>(work: () => Promise<T>): Promise<T> {
+    const done = this.#queue.then(work);
+    this.#queue = done.catch(() => {});
+    return done;
   }
 
   /** The Python protocol: a pid in, a port and a newline out, or nothing. */
-  async #classic(bytes: Uint8Array): Promise<Answer> {
-    const pid = parseRequest(bytes);
+  async classic(bytes: Uint8Array): Promise<Answer> {
+    const pid = parseClassicRequest(bytes);
     if (pid === undefined) {
       const shown = JSON.stringify(
-        String.fromCharCode(...bytes.subarray(0, MAX_REQUEST + 1)),
+        String.fromCharCode(
+          ...bytes.subarray(0, PROTOCOL_LIMITS.classicRequest + 1),
+        ),
       );
       this.clientError(
-        bytes.length > MAX_REQUEST
-          ? `more than ${MAX_REQUEST} bytes`
+        bytes.length > PROTOCOL_LIMITS.classicRequest
+          ? `more than ${PROTOCOL_LIMITS.classicRequest} bytes`
           : `invalid pid ${shown}`,
       );
       return {};
     }
-    const ports = await this.#allocate(pid, 1, undefined);
-    return ports ? { reply: `${ports[0]}\n` } : {};
+    const result = await this.#allocate(pid, 1, undefined);
+    return typeof result === "string"
+      ? {}
+      : { reply: encoder.encode(`${result[0]}\n`) };
   }
 
-  /** Extended requests: every answer is one line, so no answer means the Python server. */
-  async #extended(bytes: Uint8Array): Promise<Answer> {
-    const request = parseExtendedRequest(new TextDecoder().decode(bytes));
-    if (typeof request === "string") {
-      this.clientError(request);
-      return { reply: `ERR ${request}\n` };
+  /** Extended requests: every answer is one line. */
+  async extended(line: string): Promise<Answer> {
+    const request = parseRequest(line);
+    if ("error" in request) {
+      this.clientError(request.error);
+      return { reply: errorReply(request.error) };
     }
-    if (this.#options.verbose) {
-      this.info(`Request ${new TextDecoder().decode(bytes).trim()}.`);
-    }
+    if (this.#options.verbose) this.info(`Request ${line.trim()}.`);
+    return await this.#answer(request);
+  }
+
+  async #answer(request: ServerRequest): Promise<Answer> {
     switch (request.verb) {
       case "STATUS":
-        return { reply: `${JSON.stringify(this.status())}\n` };
+        return { reply: this.#statusReply() };
       case "TAKE": {
-        const ports = await this.#allocate(
-          request.pid!,
+        const result = await this.#allocate(
+          request.pid,
           request.count,
           request.label,
         );
         return {
-          reply: ports
-            ? `OK ${ports.join(" ")}\n`
-            : `ERR ${this.#lastDenial}\n`,
+          reply: encoder.encode(formatReply(
+            typeof result === "string"
+              ? { ok: false, error: result }
+              : { ok: true, ports: result },
+          )),
         };
       }
       case "LEASE": {
-        const owner = this.#pool.leaseOwner(++this.#leases);
-        const ports = await this.#takePorts(request.count);
-        if (!ports) {
+        const owner = this.#pool.leaseOwner();
+        const taken = await this.#serial(() =>
+          this.#take(request.count, owner, request.label)
+        );
+        if (!taken) {
           this.#pool.releaseOwner(owner);
-          return this.#deny("not enough free ports");
+          return { reply: errorReply(this.#deny("not enough free ports")) };
         }
-        for (const port of ports) this.#pool.assign(port, owner, request.label);
-        this.#counters.totalAllocations += ports.length;
-        this.info(`Leased ports ${ports.join(", ")}.`);
+        this.#counters.totalAllocations += taken.length;
+        this.info(`Leased ports ${taken.join(", ")}.`);
         return {
-          reply: `OK ${ports.join(" ")}\n`,
-          onClose: () => {
-            this.info(`Lease of ports ${[...owner.ports].join(", ")} ended.`);
-            this.#pool.releaseOwner(owner);
+          reply: encoder.encode(formatReply({ ok: true, ports: taken })),
+          onEnd: () => {
+            const ports = this.#pool.releaseOwner(owner);
+            this.#status = undefined;
+            this.info(`Lease of ports ${ports.join(", ")} ended.`);
           },
         };
       }
       case "RETURN": {
-        // All or nothing, so that the client knows what it still holds.
-        const refused = request.ports.filter((port) =>
-          !this.#pool.holds(port, request.pid!)
-        );
-        const freed = refused.length
-          ? []
-          : request.ports.filter((port) =>
-            this.#pool.releasePort(port, request.pid!)
-          );
-        if (freed.length) {
-          this.info(`Pid ${request.pid} returned ports ${freed.join(", ")}.`);
-          await this.#save();
+        const { pid, ports } = request;
+        // All or none, so that the client knows what it still holds.
+        if (!this.#pool.holdsAll(ports, pid)) {
+          const refused = ports.filter((p) => !this.#pool.holdsAll([p], pid));
+          return {
+            reply: errorReply(`not held by pid ${pid}: ${refused.join(" ")}`),
+          };
         }
-        return {
-          reply: refused.length
-            ? `ERR not held by pid ${request.pid}: ${refused.join(" ")}\n`
-            : `OK ${freed.join(" ")}\n`,
-        };
+        const freed = this.#pool.release(ports, this.#pool.ownerIdOf(pid)!);
+        this.#status = undefined;
+        this.info(`Pid ${pid} returned ports ${freed.join(", ")}.`);
+        // The file may list them a while longer: that errs on the side of
+        // holding, and the next write catches up.
+        await this.#state?.save().catch((error) => this.#saveFailed(error));
+        return { reply: encoder.encode(formatReply({ ok: true, ports })) };
       }
     }
   }
 
-  #lastDenial = "";
-
-  #deny(why: string): Answer {
+  #deny(why: string): string {
     this.#counters.deniedAllocations++;
-    this.#lastDenial = why;
     this.info(`Denied: ${why}.`);
-    return { reply: `ERR ${why}\n` };
+    return why;
   }
 
-  async #save(): Promise<void> {
-    if (this.#state) await this.#state.save(this.#pool.saved());
+  #saveFailed(error: unknown): string {
+    const why = `cannot write the state file ${this.#state!.path}: ${
+      (error as Error).message
+    }`;
+    this.warn(`Not handing out ports: ${why}`);
+    return why;
   }
 
-  /** The allocations, as the STATUS request answers. */
-  status(): {
-    address: string;
-    pool: number;
-    allocated: number;
-    allocations: AllocationStatus[];
-  } {
-    return {
-      address: this.address,
-      pool: this.#pool.size,
-      allocated: this.#pool.allocated,
-      allocations: this.#pool.status(),
-    };
-  }
-
-  /** `count` ports for a live `pid`, all or none. */
+  /** `count` ports for a live `pid`, on disk before they are handed out; or why not. */
   async #allocate(
     pid: number,
     count: number,
     label: string | undefined,
-  ): Promise<number[] | undefined> {
-    const verbose = this.#options.verbose;
-    if (verbose) this.info(`Request on behalf of pid ${pid}.`);
+  ): Promise<number[] | string> {
+    if (this.#options.verbose) this.info(`Request on behalf of pid ${pid}.`);
     const startTime = pid > 1 ? processStartTime(pid) : 0;
-    if (pid <= 0 || pid === 1 || startTime === 0) {
-      this.#deny(
+    if (pid <= 1 || startTime === 0) {
+      return this.#deny(
         pid <= 0
           ? `not allocating a port to invalid pid ${pid}`
           : pid === 1
           ? "not allocating a port to init"
           : `not allocating a port to a non-existent process ${pid}`,
       );
-      return undefined;
     }
-    const ports = await this.#takePorts(count);
+    const owner = this.#pool.ownerOf(pid, startTime);
+    const ports = await this.#serial(() => this.#take(count, owner, label));
     if (!ports) {
-      this.#deny(
+      return this.#deny(
         count === 1 ? "all ports in use" : `fewer than ${count} ports free`,
       );
-      return undefined;
     }
-    const owner = this.#pool.processOwner(pid, startTime);
-    for (const port of ports) this.#pool.assign(port, owner, label);
     try {
-      await this.#save();
+      await this.#state?.save();
     } catch (error) {
       // Not on disk, not handed out: a restart must not lose it.
-      for (const port of ports) this.#pool.releasePort(port, pid);
-      throw error;
+      this.#pool.release(ports, owner);
+      return this.#saveFailed(error);
     }
     this.#counters.totalAllocations += ports.length;
-    if (verbose) {
+    if (this.#options.verbose) {
       this.info(`Allocated ports ${ports.join(", ")} to pid ${pid}.`);
     }
     return ports;
   }
 
-  /** `count` free ports, or none (those found go back to the queue). */
-  async #takePorts(count: number): Promise<number[] | undefined> {
-    const ports: number[] = [];
-    let checked = 0;
-    while (ports.length < count) {
-      const [port, n] = await this.#takePort();
-      checked += n;
-      if (port === undefined) break;
-      ports.push(port);
+  async #take(
+    count: number,
+    owner: number,
+    label: string | undefined,
+  ): Promise<number[] | undefined> {
+    const taken = await this.#pool.take(count, owner, label, isPortFree, alive);
+    this.#counters.numPortsCheckedForLastRequest = taken.checked;
+    for (const port of taken.inUse) {
+      this.info(`Port ${port} unexpectedly in use.`);
     }
-    this.#counters.numPortsCheckedForLastRequest = checked;
-    if (ports.length === count) return ports;
-    for (const port of ports) this.#pool.push(port);
-    return undefined;
+    this.#status = undefined;
+    return taken.ports;
   }
 
-  /**
-   * The next free port of the queue; when it runs dry, reclaim dead owners
-   * once. Returns the port (or undefined) and how many ports were examined.
-   */
-  async #takePort(): Promise<[number | undefined, number]> {
-    let checked = 0;
-    let swept = false;
-    let budget = this.#pool.queued;
-    while (true) {
-      if (budget === 0) {
-        if (swept) break;
-        swept = true;
-        this.#pool.sweep();
-        budget = this.#pool.queued;
-        continue;
-      }
-      budget--;
-      const port = this.#pool.shift()!;
-      checked++;
-      if (await isPortFree(port)) return [port, checked];
-      this.info(`Port ${port} unexpectedly in use.`);
-      this.#pool.push(port);
-    }
-    return [undefined, checked];
+  #statusReply(): Uint8Array {
+    // One encoding serves every STATUS until the pool changes (or a second
+    // passes: holders may die meanwhile).
+    const now = Date.now();
+    if (this.#status && now - this.#status.at < 1000) return this.#status.reply;
+    const allocations = this.#pool.status(alive);
+    const reply = encoder.encode(`${
+      JSON.stringify({
+        address: this.address,
+        pool: this.#pool.size,
+        allocated: allocations.length,
+        reclaimable: allocations.filter((a) => !a.alive).length,
+        allocations,
+      })
+    }\n`);
+    this.#status = { reply, at: now };
+    return reply;
   }
 
   stop(): Promise<void> {
     return this.#stopped ??= (async () => {
-      // node:net's close waits for every open connection: close them too.
-      const closing = this.#close?.();
+      const closing = this.#listener?.close();
       for (const connection of this.#connections) connection.close();
       await closing;
       await this.#queue;
@@ -825,211 +1158,271 @@ class Server implements PortServer {
   }
 }
 
-/** Reads one request off a connection and answers it. */
-class Session {
-  #server: Server;
-  #connection: Connection;
-  #chunks: Uint8Array[] = [];
-  #size = 0;
-  #done = false;
-  #deadline: ReturnType<typeof setTimeout>;
-  #idle: ReturnType<typeof setTimeout> | undefined;
-  /** Set while a lease keeps the connection open. */
-  #onClose: (() => void) | undefined;
+function formatLog(level: "I" | "W" | "E", message: string): string {
+  const now = new Date();
+  const two = (n: number) => String(n).padStart(2, "0");
+  const stamp = `${two(now.getMonth() + 1)}${two(now.getDate())} ${
+    two(now.getHours())
+  }:${two(now.getMinutes())}:${two(now.getSeconds())}.${
+    String(now.getMilliseconds()).padStart(3, "0")
+  }`;
+  return `${level}${stamp} ${ownPid()} portserver] ${message}`;
+}
 
-  constructor(server: Server, connection: Connection, timeoutMs: number) {
-    this.#server = server;
-    this.#connection = connection;
-    this.#deadline = setTimeout(() => {
-      if (this.#done) return;
-      this.#finish();
-      server.clientError(`no complete request within ${timeoutMs} ms`);
-    }, timeoutMs);
+/**
+ * A log line as the Python server writes them, for the command line's own
+ * messages about the server.
+ *
+ * @param level `I`nfo, `W`arning or `E`rror.
+ * @param message The message.
+ * @returns The line.
+ *
+ * @example
+ * ```ts
+ * import { logLine } from "@x/portpicker/portserver";
+ *
+ * console.error(logLine("I", "Stopping."));
+ * ```
+ */
+export function logLine(level: "I" | "W" | "E", message: string): string {
+  return formatLog(level, message);
+}
+
+function concatBytes(chunks: Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(chunks.reduce((n, c) => n + c.length, 0));
+  let offset = 0;
+  for (const chunk of chunks) {
+    out.set(chunk, offset);
+    offset += chunk.length;
   }
+  return out;
+}
 
-  data(chunk: Uint8Array): void {
-    if (this.#done) return;
-    this.#chunks.push(chunk);
-    this.#size += chunk.length;
-    clearTimeout(this.#idle);
-    const limit = isLetter(this.#chunks[0][0])
-      ? MAX_EXTENDED_REQUEST
-      : MAX_REQUEST;
-    if (this.#size > limit || chunk.includes(10)) return this.#answer();
-    this.#idle = setTimeout(() => this.#answer(), REQUEST_IDLE_MS);
-  }
+// ===========================================================================
+// The runtime adapter: Deno's own sockets and files on Deno (no node:
+// module is loaded there), node:net and node:fs on Bun and Node.
 
-  /**
-   * Whether more reading is pointless: a classic request is complete (only
-   * an extended one, a lease, needs to see the client hang up).
-   */
-  get read(): boolean {
-    return this.#done && !isLetter(this.#chunks[0]?.[0]);
-  }
+/** What this file uses of Node's `process` (Bun has it too). */
+interface NodeProcess {
+  pid: number;
+  platform: string;
+  getBuiltinModule(name: "node:fs"): typeof import("node:fs");
+}
 
-  end(): void {
-    if (!this.#done) this.#answer();
-    else this.#hangUp();
-  }
+// deno-lint-ignore no-explicit-any
+const host = globalThis as any;
+const deno: typeof Deno | undefined = host.Deno;
+const node: NodeProcess | undefined = deno ? undefined : host.process;
+const encoder = new TextEncoder();
+const fs = () => node!.getBuiltinModule("node:fs");
+const IS_LINUX = deno ? deno.build.os === "linux" : node!.platform === "linux";
 
-  /** The client went away: nothing to answer, and a lease ends. */
-  gone(): void {
-    if (!this.#done) this.#finish();
-    else this.#hangUp();
-  }
+function ownPid(): number {
+  return deno ? deno.pid : node!.pid;
+}
 
-  #hangUp(): void {
-    this.#clientGone = true;
-    if (this.#onClose) this.#finish();
-  }
-
-  #answer(): void {
-    const bytes = new Uint8Array(this.#size);
-    let offset = 0;
-    for (const c of this.#chunks) {
-      bytes.set(c, offset);
-      offset += c.length;
-    }
-    this.#done = true;
-    clearTimeout(this.#deadline);
-    clearTimeout(this.#idle);
-    this.#server.handle(bytes).then(
-      async ({ reply, onClose }) => {
-        if (reply !== undefined) {
-          await this.#connection.write(reply).catch(() => {});
-        }
-        // A lease lasts as long as the client keeps the connection open.
-        if (onClose && !this.#clientGone && !this.#closed) {
-          this.#onClose = onClose;
-        } else {
-          onClose?.();
-          this.#finish();
-        }
-      },
-      (error) => {
-        this.#server.warn(`Request failed: ${(error as Error).message}`);
-        this.#finish();
-      },
+/** On Deno, reading /proc needs a permission: without it every owner would look dead. */
+function requireProcAccess(): void {
+  if (!deno || !IS_LINUX) return;
+  const { state } = deno.permissions.querySync({ name: "read", path: "/proc" });
+  if (state !== "granted") {
+    throw new Error(
+      "The port server needs --allow-read (for /proc/<pid>/stat) on Deno",
     );
-  }
-
-  #closed = false;
-  #clientGone = false;
-
-  #finish(): void {
-    this.#done = true;
-    this.#closed = true;
-    clearTimeout(this.#deadline);
-    clearTimeout(this.#idle);
-    const onClose = this.#onClose;
-    this.#onClose = undefined;
-    onClose?.();
-    this.#connection.close();
-    this.#server.forget(this.#connection);
   }
 }
 
-// ---------------------------------------------------------------------------
-// Listening, on Deno.listen where the runtime has it, else node:net.
+/** The kernel's ephemeral range, or undefined where it cannot be read. */
+function ephemeralRange(): [number, number] | undefined {
+  if (!IS_LINUX) return undefined;
+  try {
+    const path = "/proc/sys/net/ipv4/ip_local_port_range";
+    const text = deno
+      ? deno.readTextFileSync(path)
+      : fs().readFileSync(path, "utf8");
+    const [first, last] = text.trim().split(/\s+/).map(Number);
+    return Number.isInteger(first) && Number.isInteger(last)
+      ? [first, last]
+      : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** A timer that does not keep the process alive. */
+function unrefTimer(fn: () => void, ms: number): unknown {
+  const timer = setTimeout(fn, ms);
+  if (deno) deno.unrefTimer(timer as unknown as number);
+  else (timer as unknown as { unref(): void }).unref();
+  return timer;
+}
+
+function errorCode(error: unknown): string | undefined {
+  return (error as { code?: string } | undefined)?.code;
+}
+
+/** The text of the state file, or undefined when there is none. */
+async function readState(
+  path: string,
+  limit: number,
+): Promise<string | undefined> {
+  try {
+    const size = deno ? (await deno.stat(path)).size : fs().statSync(path).size;
+    if (size > limit) {
+      throw new Error(
+        `State file ${path} is too large: ${size} bytes, at most ${limit}`,
+      );
+    }
+    return deno
+      ? await deno.readTextFile(path)
+      : await fs().promises.readFile(path, "utf8");
+  } catch (error) {
+    if (errorCode(error) === "ENOENT") return undefined;
+    if ((error as Error).message.startsWith("State file")) throw error;
+    throw new Error(
+      `Cannot read the state file ${path}: ${(error as Error).message}`,
+    );
+  }
+}
+
+const files = {
+  /** Writes a new file; fails if anything, a link too, is at `path`. */
+  async writeNew(path: string, text: string): Promise<void> {
+    if (deno) {
+      return await deno.writeTextFile(path, text, {
+        createNew: true,
+        mode: 0o644,
+      });
+    }
+    const { constants, promises } = fs();
+    const flags = constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL |
+      (constants.O_NOFOLLOW ?? 0);
+    const file = await promises.open(path, flags, 0o644);
+    try {
+      await file.writeFile(text);
+    } finally {
+      await file.close();
+    }
+  },
+  async rename(from: string, to: string): Promise<void> {
+    if (deno) await deno.rename(from, to);
+    else await fs().promises.rename(from, to);
+  },
+  async remove(path: string): Promise<void> {
+    if (deno) await deno.remove(path);
+    else await fs().promises.unlink(path);
+  },
+  removeSync(path: string): void {
+    try {
+      if (deno) deno.removeSync(path);
+      else fs().unlinkSync(path);
+    } catch { /* gone already */ }
+  },
+  list(dir: string): string[] {
+    try {
+      return deno
+        ? [...deno.readDirSync(dir)].map((entry) => entry.name)
+        : fs().readdirSync(dir);
+    } catch {
+      return [];
+    }
+  },
+};
+
+/** What the listener tells the server. */
+interface ListenerEvents {
+  /** A new connection; returns its reader, or undefined when it was closed. */
+  accept(transport: Transport): Connection | undefined;
+  /** Accepting failed (out of file descriptors, say). */
+  acceptFailed(error: Error): void;
+}
+
+interface Listener {
+  close(): Promise<void>;
+}
+
+/** How long to stop accepting after a failure, so as not to spin. */
+const ACCEPT_PAUSE_MS = 100;
 
 function socketPath(address: string): string {
   return address.startsWith("@") ? `\0${address.slice(1)}` : address;
 }
 
-/** A live server on `path` answers a connect; a stale socket file refuses it. */
-async function probe(path: string): Promise<"live" | "stale"> {
-  const net = await import("node:net");
-  return await new Promise((resolve) => {
-    const socket = net.connect({ path });
-    socket.once("connect", () => {
-      socket.destroy();
-      resolve("live");
-    });
-    socket.once("error", () => resolve("stale"));
-  });
-}
-
-async function prepareSocketFile(address: string): Promise<void> {
-  if (address.startsWith("@")) return;
-  let stat;
-  try {
-    stat = fs.lstatSync(address);
-  } catch {
-    return;
-  }
-  if (!stat.isSocket()) {
-    throw new Error(
-      `Cannot listen on ${address}: it exists and is not a socket`,
-    );
-  }
-  if (await probe(address) === "live") {
-    throw new Error(`Another port server is already serving on ${address}`);
-  }
-  fs.unlinkSync(address);
-}
-
-async function listen(
+async function listenUnix(
   address: string,
-  server: Server,
-): Promise<() => Promise<void>> {
+  events: ListenerEvents,
+  mode: number | undefined,
+): Promise<Listener> {
   await prepareSocketFile(address);
   const path = socketPath(address);
   const inUse = () =>
     new Error(`Another port server is already serving on ${address}`);
   const removeFile = () => {
-    if (address.startsWith("@")) return;
-    try {
-      fs.unlinkSync(address);
-    } catch { /* already gone */ }
+    if (!address.startsWith("@")) files.removeSync(address);
+  };
+  const setMode = () => {
+    if (mode === undefined || address.startsWith("@")) return;
+    if (deno) deno.chmodSync(address, mode);
+    else fs().chmodSync(address, mode);
   };
   if (deno) {
     let listener: Deno.UnixListener;
     try {
       listener = deno.listen({ transport: "unix", path });
     } catch (error) {
-      if ((error as { code?: string }).code === "EADDRINUSE") throw inUse();
+      if (errorCode(error) === "EADDRINUSE") throw inUse();
       throw error;
     }
-    const loop = acceptLoop(listener, server);
-    return async () => {
-      listener.close();
-      await loop;
-      removeFile();
+    setMode();
+    const loop = acceptLoop(listener, events);
+    return {
+      close: async () => {
+        listener.close();
+        await loop;
+        removeFile();
+      },
     };
   }
   const net = await import("node:net");
-  const netServer = net.createServer({ allowHalfOpen: true }, (socket) => {
-    const session = server.accept({
-      write: (text) => new Promise((done) => socket.write(text, () => done())),
-      close: () => socket.end(() => socket.destroy()),
+  const server = net.createServer({ allowHalfOpen: true }, (socket) => {
+    const connection = events.accept({
+      write: (bytes) =>
+        new Promise((resolve, reject) =>
+          socket.write(bytes, (error) => error ? reject(error) : resolve())
+        ),
+      close: () => void socket.destroy(),
     });
-    socket.on("data", (chunk: Uint8Array) => session.data(chunk));
-    socket.on("end", () => session.end());
-    socket.on("error", () => session.gone());
-    socket.on("close", () => session.gone());
+    if (!connection) return;
+    socket.on("data", (chunk: Uint8Array) => {
+      connection.data(chunk);
+      if (connection.done) socket.pause();
+    });
+    socket.on("end", () => connection.end());
+    socket.on("error", () => connection.close());
+    socket.on("close", () => connection.close());
   });
   await new Promise<void>((resolve, reject) => {
-    netServer.once("error", (error: Error & { code?: string }) => {
+    server.once("error", (error: Error & { code?: string }) => {
       reject(error.code === "EADDRINUSE" ? inUse() : error);
     });
-    netServer.listen({ path, exclusive: true }, () => resolve());
+    server.listen({ path, exclusive: true }, () => resolve());
   });
-  netServer.on(
-    "error",
-    (error) => server.warn(`Accept failed: ${error.message}`),
-  );
-  return () =>
-    new Promise((resolve) => {
-      netServer.close(() => {
-        removeFile();
-        resolve();
-      });
-    });
+  setMode();
+  server.on("error", (error) => events.acceptFailed(error));
+  return {
+    close: () =>
+      new Promise((resolve) => {
+        server.close(() => {
+          removeFile();
+          resolve();
+        });
+      }),
+  };
 }
 
 async function acceptLoop(
   listener: Deno.UnixListener,
-  server: Server,
+  events: ListenerEvents,
 ): Promise<void> {
   while (true) {
     let conn: Deno.UnixConn;
@@ -1042,23 +1435,22 @@ async function acceptLoop(
       ) {
         return;
       }
-      // Out of file descriptors, say: wait a little and go on serving.
-      server.warn(`Accept failed: ${(error as Error).message}`);
-      await new Promise((resolve) => setTimeout(resolve, 10));
+      // Out of file descriptors, say: pause, then serve again.
+      events.acceptFailed(error as Error);
+      await new Promise((resolve) => setTimeout(resolve, ACCEPT_PAUSE_MS));
       continue;
     }
-    serveDenoConnection(conn, server);
+    serveDenoConnection(conn, events);
   }
 }
 
 async function serveDenoConnection(
   conn: Deno.UnixConn,
-  server: Server,
+  events: ListenerEvents,
 ): Promise<void> {
   let closed = false;
-  const session = server.accept({
-    write: async (text) => {
-      const bytes = new TextEncoder().encode(text);
+  const connection = events.accept({
+    write: async (bytes) => {
       for (let n = 0; n < bytes.length;) {
         n += await conn.write(bytes.subarray(n));
       }
@@ -1071,266 +1463,60 @@ async function serveDenoConnection(
       } catch { /* already closed */ }
     },
   });
-  const buffer = new Uint8Array(128);
+  if (!connection) return;
+  const buffer = new Uint8Array(16384);
   try {
-    // Reading on after a complete classic request only costs a rejected read.
-    while (!closed && !session.read) {
+    // Reading on after an answered classic request only costs a rejected read;
+    // anything else is read to its end, which ends a lease.
+    while (!closed && !connection.done) {
       const n = await conn.read(buffer);
-      if (n === null) return session.end();
-      session.data(buffer.slice(0, n));
+      if (n === null) return connection.end();
+      connection.data(buffer.slice(0, n));
     }
   } catch {
-    session.gone();
+    connection.close();
   }
 }
 
-// ---------------------------------------------------------------------------
-// The state file.
-
-interface StateData {
-  version: 1;
-  allocations: SavedAllocation[];
-}
-
-class StateFile {
-  #path: string;
-  #server: Server;
-  #writing: Promise<void> = Promise.resolve();
-  #pending: SavedAllocation[] | undefined;
-  #waiting: Promise<void> | undefined;
-
-  constructor(path: string, server: Server) {
-    this.#path = path;
-    this.#server = server;
-  }
-
-  async load(): Promise<SavedAllocation[]> {
-    let text: string;
-    try {
-      text = await fs.promises.readFile(this.#path, "utf8");
-    } catch (error) {
-      if ((error as { code?: string }).code === "ENOENT") return [];
-      throw new Error(
-        `Cannot read the state file ${this.#path}: ${(error as Error).message}`,
-      );
-    }
-    try {
-      const data = JSON.parse(text) as StateData;
-      if (
-        data?.version !== 1 || !Array.isArray(data.allocations) ||
-        !data.allocations.every((a) =>
-          Array.isArray(a) && a.length >= 3 && a.length <= 5 &&
-          a.slice(0, 4).every((n) => Number.isInteger(n)) &&
-          (a[4] === undefined || typeof a[4] === "string")
-        )
-      ) {
-        throw new Error("not a port server state file");
-      }
-      return data.allocations;
-    } catch (error) {
-      const aside = `${this.#path}.corrupt-${Date.now()}`;
-      await fs.promises.rename(this.#path, aside);
-      this.#server.warn(
-        `State file ${this.#path} is corrupt (${
-          (error as Error).message
-        }): moved aside to ${aside}; starting with no allocations.`,
-      );
-      return [];
-    }
-  }
-
-  /**
-   * Writes the allocations (to a temporary file, then renamed over the old
-   * one). Requests that arrive while a write runs share the next write.
-   */
-  save(allocations: SavedAllocation[]): Promise<void> {
-    this.#pending = allocations;
-    return this.#waiting ??= this.#writing.then(async () => {
-      this.#waiting = undefined;
-      const data: StateData = { version: 1, allocations: this.#pending! };
-      const temporary = `${this.#path}.tmp-${currentPid()}`;
-      this.#writing = (async () => {
-        await fs.promises.writeFile(temporary, JSON.stringify(data));
-        await fs.promises.rename(temporary, this.#path);
-      })();
-      await this.#writing;
-    });
-  }
-
-  async flush(): Promise<void> {
-    await this.#waiting;
-    await this.#writing;
-  }
-}
-
-// ---------------------------------------------------------------------------
-
-/**
- * Starts a port server.
- *
- * @param options See {@linkcode PortServerOptions}.
- * @returns The running server.
- * @throws {Error} When the pool is empty, another server serves the address,
- * or the address cannot be listened on.
- *
- * @example
- * ```ts
- * import { startPortServer } from "@x/portpicker/portserver";
- *
- * const server = await startPortServer({ address: "/tmp/ports.sock", pool: [[20000, 20099]] });
- * console.log(server.stats().numPortsManaged); // 100
- * await server.stop();
- * ```
- */
-export async function startPortServer(
-  options: PortServerOptions = {},
-): Promise<PortServer> {
-  if (deno && isLinux) {
-    const { state } = await deno.permissions.query({
-      name: "read",
-      path: "/proc",
-    });
-    if (state !== "granted") {
-      throw new Error(
-        "The port server needs --allow-read (for /proc/<pid>/stat) on Deno",
-      );
-    }
-  }
-  const reserved = reservedPorts();
-  const ports = poolPorts(options.pool ?? parsePortRanges(DEFAULT_POOL))
-    .filter((port) => !reserved.has(port));
-  if (ports.length === 0) throw new Error("No ports in the pool.");
-  const server = new Server(options, ports);
-  await server.open();
-  return server;
-}
-
-const SERVE_USAGE = `Usage: portpicker serve [options]
-
-Runs the port server: hands each process unique ports over a Unix socket and
-takes them back when the process dies. Wire-compatible with Python's portserver.
-
-Options:
-      --portserver_static_pool, --pool N-P[,N-P]
-                         the ports to hand out, inclusive (default: ${DEFAULT_POOL})
-      --portserver_address, --portserver_unix_socket_address, --address ADDR
-                         where to listen: @name for the Linux abstract
-                         namespace, else a socket file (default: ${DEFAULT_ADDRESS})
-      --state FILE       keep allocations in FILE across restarts
-      --verbose          log every request
-      --debug            log every request (as --verbose)
-  -h, --help             print this help
-
-Signals: SIGUSR1 logs statistics; SIGINT and SIGTERM stop it cleanly.
-Exit status: 0 stopped, 1 could not serve, 2 usage error.
-`;
-
-/**
- * Runs `portpicker serve` with `args` until SIGINT or SIGTERM; returns the
- * exit status. Errors are one line on stderr.
- *
- * @param args The arguments after `serve`.
- * @returns 0 after a clean stop, 1 when it could not serve, 2 on a usage error.
- *
- * @example
- * ```ts
- * import { serveCommand } from "@x/portpicker/portserver";
- *
- * const status = await serveCommand(["--pool", "20000-20999", "--address", "@ports"]);
- * ```
- */
-export async function serveCommand(args: string[]): Promise<number> {
-  let values;
+/** A live server on `path` answers a connect; a stale socket file refuses it. */
+async function probe(path: string): Promise<"live" | "stale"> {
   try {
-    ({ values } = parseArgs({
-      args,
-      options: {
-        portserver_static_pool: { type: "string" },
-        pool: { type: "string" },
-        portserver_address: { type: "string" },
-        portserver_unix_socket_address: { type: "string" },
-        address: { type: "string" },
-        state: { type: "string" },
-        verbose: { type: "boolean" },
-        debug: { type: "boolean" },
-        help: { type: "boolean", short: "h" },
-      },
-    }));
-  } catch (error) {
-    console.error(
-      `portpicker serve: ${
-        (error as Error).message.split(". ")[0]
-      } (see --help)`,
-    );
-    return 2;
-  }
-  if (values.help) {
-    console.log(SERVE_USAGE);
-    return 0;
-  }
-  const address = values.address ?? values.portserver_address ??
-    values.portserver_unix_socket_address ?? DEFAULT_ADDRESS;
-  if (!address || address === "@") {
-    console.error(
-      `portpicker serve: invalid address ${
-        JSON.stringify(address)
-      } (see --help)`,
-    );
-    return 2;
-  }
-  const log = (line: string) => console.error(line);
-  const ranges = parsePortRanges(
-    values.pool ?? values.portserver_static_pool ?? DEFAULT_POOL,
-    (message) => log(formatLog("E", message)),
-  );
-  if (poolPorts(ranges).length === 0) {
-    log(
-      formatLog(
-        "E",
-        "No ports. Invalid port ranges in --portserver_static_pool?",
-      ),
-    );
-    return 1;
-  }
-  let server: PortServer;
-  try {
-    server = await startPortServer({
-      address,
-      pool: ranges,
-      statePath: values.state,
-      verbose: values.verbose || values.debug,
-      log,
+    if (deno) {
+      (await deno.connect({ transport: "unix", path })).close();
+      return "live";
+    }
+    const net = await import("node:net");
+    return await new Promise((resolve) => {
+      const socket = net.connect({ path });
+      socket.once("connect", () => {
+        socket.destroy();
+        resolve("live");
+      });
+      socket.once("error", () => resolve("stale"));
     });
-  } catch (error) {
-    log(formatLog("E", (error as Error).message));
-    return 1;
+  } catch {
+    return "stale";
   }
-  const handlers: [Signal, () => void][] = [];
-  const stopSignal = await new Promise<string>((resolve) => {
-    handlers.push(
-      ["SIGUSR1", () => server.logStats()],
-      ["SIGINT", () => resolve("SIGINT")],
-      ["SIGTERM", () => resolve("SIGTERM")],
+}
+
+/** Replaces a stale socket file; refuses anything else at the address. */
+async function prepareSocketFile(address: string): Promise<void> {
+  if (address.startsWith("@")) return;
+  let isSocket: boolean;
+  try {
+    isSocket = deno
+      ? deno.lstatSync(address).isSocket === true
+      : fs().lstatSync(address).isSocket();
+  } catch {
+    return;
+  }
+  if (!isSocket) {
+    throw new Error(
+      `Cannot listen on ${address}: it exists and is not a socket`,
     );
-    for (const [signal, handler] of handlers) onSignal(signal, handler);
-  });
-  // Deno's signal listeners would keep the process alive.
-  for (const [signal, handler] of handlers) offSignal(signal, handler);
-  log(formatLog("I", `Stopping on ${stopSignal}.`));
-  await server.stop();
-  server.logStats();
-  log(formatLog("I", "Goodbye."));
-  return 0;
-}
-
-type Signal = "SIGUSR1" | "SIGINT" | "SIGTERM";
-
-function onSignal(signal: Signal, handler: () => void): void {
-  if (deno) deno.addSignalListener(signal, handler);
-  else runtime.process.on(signal, handler);
-}
-
-function offSignal(signal: Signal, handler: () => void): void {
-  if (deno) deno.removeSignalListener(signal, handler);
-  else runtime.process.off(signal, handler);
+  }
+  if (await probe(address) === "live") {
+    throw new Error(`Another port server is already serving on ${address}`);
+  }
+  files.removeSync(address);
 }

@@ -24,6 +24,8 @@ import {
   pickUnusedPort,
   pickUnusedPorts,
   type PortServerStatus,
+  processStartTime,
+  reservedPorts,
   returnPort,
   returnPortsToServer,
 } from "../mod.ts";
@@ -34,7 +36,6 @@ import {
   startServer,
   withServer,
 } from "./server_helpers.ts";
-import { processStartTime, reservedPorts } from "../claims.ts";
 import {
   assertOneLineError,
   exitCodeOf,
@@ -333,16 +334,16 @@ test("lock directory: a claim of a live process (pid 1, this process) or an unre
   }
 });
 
-const CLAIMS_URL = MOD_URL.replace(/mod\.ts$/, "claims.ts");
-
 /** Picks, holds for a millisecond, checks its claim file, returns; repeats. */
 const CONTENDER = `
 import process from "node:process";
 import { existsSync, readFileSync } from "node:fs";
-import { NoFreePortFoundError, pickUnusedPort, returnPort } from ${
-  JSON.stringify(MOD_URL)
-};
-import { processStartTime } from ${JSON.stringify(CLAIMS_URL)};
+import {
+  NoFreePortFoundError,
+  pickUnusedPort,
+  processStartTime,
+  returnPort,
+} from ${JSON.stringify(MOD_URL)};
 const env = process.env;
 const range = JSON.parse(env.TEST_RANGE);
 const mine = \`\${process.pid} \${processStartTime(process.pid)}\\n\`;
@@ -473,7 +474,7 @@ test("lock directory: taking over dead owners' claims never takes a live claim a
   }
 });
 
-test("lock directory: CLI --lock-dir skips a port claimed by a live process, and its claim is gone after exit", async () => {
+test("lock directory: CLI --lock-dir skips a port claimed by a live process; its own claim names its parent and stays until `return`", async () => {
   const [port] = await randomPool(1);
   const dir = tempDir();
   try {
@@ -487,7 +488,18 @@ test("lock directory: CLI --lock-dir skips a port claimed by a live process, and
     const result = await runCli(args);
     assert.equal(result.code, 0, result.stderr);
     assert.equal(result.stdout, `${port}\n`);
-    assert.deepEqual(readdirSync(dir.path), [], "claim left after exit");
+    // The CLI's parent (this process) holds the claim after the CLI exits.
+    assert.equal(
+      readFileSync(claim, "utf8"),
+      `${PID} ${processStartTime(PID)}\n`,
+    );
+    const returned = await runCli([
+      "return",
+      String(port),
+      ...args.slice(0, 2),
+    ]);
+    assert.equal(returned.code, 0, returned.stderr);
+    assert.deepEqual(readdirSync(dir.path), [], "claim left after return");
   } finally {
     dir.remove();
   }
@@ -505,7 +517,7 @@ test("lock directory: hold_seconds still holds the port with PORTPICKER_LOCK_DIR
     assert.equal(result.stdout, `${port}\n`);
     assert.equal(result.stderr, "");
     assert.equal(await isPortFree(port), false, "not held after the exit");
-    assert.deepEqual(readdirSync(dir.path), [], "claim left after exit");
+    assert.deepEqual(readdirSync(dir.path), [`${port}.claim`], "no claim");
     await eventually(
       "the port free after the hold",
       () => isPortFree(port),
@@ -677,7 +689,14 @@ test("protocol: LEASE count=2 holds its ports while the connection is open, and 
         for (const port of ports) {
           assert.deepEqual(
             { ...now.get(port), since: "" },
-            { port, pid: null, lease: true, since: "", label: "l" },
+            {
+              port,
+              pid: null,
+              lease: true,
+              alive: true,
+              since: "",
+              label: "l",
+            },
           );
           assert.match(now.get(port)!.since, ISO_TIME);
         }
@@ -799,6 +818,7 @@ test("library: pickUnusedPort with a label, pickUnusedPorts(5) in one TAKE, getP
         "allocated",
         "allocations",
         "pool",
+        "reclaimable",
       ]);
       assert.equal(status.address, address);
       assert.equal(status.pool, 20);
@@ -809,6 +829,7 @@ test("library: pickUnusedPort with a label, pickUnusedPorts(5) in one TAKE, getP
         port,
         pid: PID,
         lease: false,
+        alive: true,
         since: "",
         label: "api-1",
       });

@@ -275,12 +275,16 @@ test("pickUnusedPorts takes every free port of a range, each once", async () => 
 test("pickUnusedPorts asking for more than the range has throws NoFreePortFoundError", async () => {
   const range = await freeRange(2);
   const error = await thrown(() => pickUnusedPorts(3, { range }));
-  assertNoFreePort(error, range, 0);
-  // The ports found so far stay given, and are not left bound.
-  for (const port of portsOf(range)) {
-    assert.equal(await isPortFree(port), true);
-    returnPort(port);
-  }
+  assertNoFreePort(error, range, 2);
+  assert.match(
+    (error as Error).message,
+    /^No 3 free ports in .*: only 2 of its 2/,
+  );
+  // The ports found are given back, and not left bound.
+  for (const port of portsOf(range)) assert.equal(await isPortFree(port), true);
+  const ports = await pickUnusedPorts(2, { range });
+  assert.deepEqual(new Set(ports), new Set(portsOf(range)));
+  for (const port of ports) returnPort(port);
 });
 
 test("preferred ports are tried first, in order; a busy one is skipped", async () => {
@@ -487,7 +491,16 @@ test("a port from the port server, returned, goes to the free set and is handed 
     returnPort(port);
     // Without asking any server, and even outside the kernel's range.
     assert.equal(await pickUnusedPort(), port);
-    assert.equal(requestedPids(server).length, 1);
+    // The server logs each request as it reads it, one connection after the
+    // other: once the line of a last request (for another live pid, the
+    // server's own) has come, the lines of all earlier ones have too.
+    const marker = server.child.pid!;
+    assert.ok(await getPortFromPortServer(address, { pid: marker }));
+    await server.waitFor(
+      new RegExp(`Request on behalf of pid ${marker}\\b`),
+      5_000,
+    );
+    assert.deepEqual(requestedPids(server), [process.pid, marker]);
   } finally {
     await server.stop();
   }
