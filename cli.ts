@@ -22,6 +22,7 @@ import {
   returnPort,
   returnPortsToServer,
   VERSION,
+  waitForPort,
 } from "./mod.ts";
 import type { PortServerOptions } from "./portserver.ts";
 
@@ -35,6 +36,7 @@ const USAGE = `Usage: ${NAME} [options] [pid] [hold_seconds]
        ${NAME} serve [server options]     (${NAME} serve --help)
        ${NAME} status [--json] [--portserver ADDR]
        ${NAME} return PORT... [--pid PID] [--portserver ADDR] [--lock-dir DIR]
+       ${NAME} wait PORT [--timeout SECONDS] [--host HOST]
 
 Prints a port that is free on TCP and UDP, IPv4 and IPv6, and a newline.
 
@@ -67,8 +69,12 @@ status: who holds which port on the port server (this project's server only);
 return: give ports back: the port server frees them at once, and their claims
         in the lock directory are removed; --pid is their holder (default:
         the parent process).
+wait:   wait until something accepts TCP connections on PORT (default: on
+        127.0.0.1 or ::1; --host HOST), for at most --timeout SECONDS
+        (default: 30); exit 1 with one line when it does not.
 
-Exit status: 0 done, 1 no free port (or the server refused), 2 usage error.
+Exit status: 0 done, 1 no free port (or the server refused, or the wait timed
+out), 2 usage error.
 `;
 
 const SERVE_USAGE = `Usage: ${NAME} serve [options]
@@ -124,6 +130,8 @@ export async function main(args: string[]): Promise<number> {
         return await statusCommand(rest);
       case "return":
         return await returnCommand(rest);
+      case "wait":
+        return await waitCommand(rest);
       default:
         return await pickCommand(args);
     }
@@ -311,6 +319,29 @@ async function returnCommand(args: string[]): Promise<number> {
   }
   if (lockDir) { for (const port of ports) returnPort(port, { lockDir, pid }); }
   if (address) await returnPortsToServer(address, ports, { pid });
+  return 0;
+}
+
+/** `portpicker wait PORT`: until something accepts connections there. */
+async function waitCommand(args: string[]): Promise<number> {
+  const { values, positionals } = parseArgs({
+    args,
+    allowPositionals: true,
+    options: { timeout: { type: "string" }, host: { type: "string" } },
+  });
+  if (positionals.length !== 1) {
+    throw new UsageError(
+      positionals.length === 0
+        ? "wait needs a PORT"
+        : `unexpected argument ${JSON.stringify(positionals[1])}`,
+    );
+  }
+  const port = parseInteger(positionals[0], "port", 1, 65535);
+  const timeout = values.timeout === undefined
+    ? 30
+    : parseSeconds(values.timeout, "--timeout", 0, 86400);
+  if (values.host === "") throw new UsageError("--host needs a host name");
+  await waitForPort(port, { timeout: timeout * 1000, hostname: values.host });
   return 0;
 }
 

@@ -153,6 +153,29 @@ export interface PortReservation extends Disposable, AsyncDisposable {
   release(): Promise<void>;
 }
 
+/** Options of {@linkcode reservePort}. */
+export interface ReserveOptions extends PickOptions {
+  /**
+   * Hold the port with SO_REUSEPORT, so that the caller's own server can
+   * bind it with `reusePort: true` while the reservation still holds it: no
+   * moment in which another process can take it. TCP on Deno (with
+   * `--unstable-net`), Bun and Node 22.12+; UDP too on Node (on Deno and Bun
+   * the UDP socket is held plainly until `release()`). Where the port cannot
+   * be shared, `reservePort` throws an error that names the option.
+   */
+  reusePort?: boolean;
+}
+
+/** Options of {@linkcode waitForPort}. */
+export interface WaitOptions {
+  /** How long to wait, in milliseconds; default 30000. */
+  timeout?: number;
+  /** Where to connect; default this host, over IPv4 (127.0.0.1) or IPv6 (::1). */
+  hostname?: string;
+  /** Stops the wait: the promise rejects with the signal's reason. */
+  signal?: AbortSignal;
+}
+
 /** A lease: ports held by the server for as long as its connection is open. */
 export interface PortLease extends Disposable, AsyncDisposable {
   /** The leased ports. */
@@ -246,24 +269,26 @@ export async function pickUnusedPorts(
 /**
  * Picks a port as {@linkcode pickUnusedPort} does and keeps it bound on TCP
  * and UDP until `release()`, so that nothing else can take it meanwhile.
- * Release it right before binding it yourself: the window left is the time
- * between the two calls.
+ * Released right before your server binds it, a short window remains; with
+ * `reusePort: true` your server binds it while the reservation still holds
+ * it, and no window remains (see {@linkcode ReserveOptions}).
  *
- * @param options See {@linkcode PickOptions}.
+ * @param options See {@linkcode ReserveOptions}.
  * @returns The reservation.
+ * @throws {Error} With `reusePort`, where the port cannot be shared.
  *
  * @example
  * ```ts
  * import { reservePort } from "@x/portpicker";
  *
- * await using reservation = await reservePort();
- * // ... prepare the server; nobody can take the port meanwhile ...
- * await reservation.release();
- * Deno.serve({ port: reservation.port }, () => new Response("hi"));
+ * await using reservation = await reservePort({ reusePort: true });
+ * // Deno needs --unstable-net for reusePort.
+ * Deno.serve({ port: reservation.port, reusePort: true }, () => new Response("hi"));
+ * await reservation.release(); // the server alone holds the port now
  * ```
  */
 export async function reservePort(
-  options?: PickOptions,
+  options?: ReserveOptions,
 ): Promise<PortReservation> {
   const held = await pickOne(plan(options), true, new Set());
   let released: Promise<void> | undefined;
@@ -296,6 +321,46 @@ export async function reservePort(
 export async function isPortFree(port: number): Promise<boolean> {
   checkPort(port);
   return await isFree(port);
+}
+
+/**
+ * Waits until something accepts TCP connections on `port`: the server your
+ * test just started is up. Polls with a back-off (10 ms, growing to 250 ms),
+ * never a busy loop.
+ *
+ * @param port The port, from 1 to 65535.
+ * @param options The timeout, the host, and a signal to stop waiting.
+ * @throws {Error} On timeout, naming the port, the hosts and the timeout.
+ *
+ * @example
+ * ```ts
+ * import { pickUnusedPort, waitForPort } from "@x/portpicker";
+ *
+ * const port = await pickUnusedPort();
+ * new Deno.Command("my-server", { args: [`--port=${port}`] }).spawn();
+ * await waitForPort(port, { timeout: 10_000 });
+ * ```
+ */
+export async function waitForPort(
+  port: number,
+  options: WaitOptions = {},
+): Promise<void> {
+  checkPort(port);
+  const { timeout = 30_000, hostname, signal } = options;
+  if (typeof timeout !== "number" || !(timeout >= 0)) {
+    throw new TypeError(
+      `Invalid timeout ${
+        formatValue(timeout)
+      }: expected milliseconds, 0 or more`,
+    );
+  }
+  if (hostname !== undefined && (typeof hostname !== "string" || !hostname)) {
+    throw new TypeError(
+      `Invalid hostname ${formatValue(hostname)}: expected a host name`,
+    );
+  }
+  const hosts = hostname ? [hostname] : ["127.0.0.1", "::1"];
+  await waitUntilAccepting(port, hosts, timeout, signal);
 }
 
 /**
@@ -1144,7 +1209,7 @@ interface BunApi {
   listen(options: {
     hostname: string;
     port: number;
-    reusePort?: boolean;
+    reusePort: boolean;
     socket: { data(): void };
   }): { port: number; unref(): void; stop(closeActive: boolean): void };
   udpSocket(options: { hostname: string; port: number }): Promise<{
@@ -1200,13 +1265,24 @@ const fs = () => node!.getBuiltinModule("node:fs");
 
 const CLOSED: Promise<void> = Promise.resolve();
 
+/**
+ * Binds a socket (TCP listening, or UDP). With `reusePort`, SO_REUSEPORT is
+ * set where the runtime can: on TCP everywhere (Deno needs --unstable-net),
+ * on UDP on Node only; elsewhere the UDP socket is bound plainly.
+ */
 async function bindSocket(
   proto: Proto,
   hostname: string,
   port: number,
+  reusePort = false,
 ): Promise<BoundSocket> {
   if (proto === "tcp" && bun) {
-    const listener = bun.listen({ hostname, port, socket: { data() {} } });
+    const listener = bun.listen({
+      hostname,
+      port,
+      reusePort,
+      socket: { data() {} },
+    });
     // A held port must not keep the caller's process alive.
     listener.unref();
     return { port: listener.port, close: () => (listener.stop(true), CLOSED) };
@@ -1217,7 +1293,16 @@ async function bindSocket(
     return { port: socket.port, close: () => (socket.close(), CLOSED) };
   }
   if (proto === "tcp" && deno) {
-    const listener = deno.listen({ hostname, port, transport: "tcp" });
+    // Without --unstable-net, Deno ends the process on reusePort instead of
+    // throwing; listenDatagram exists exactly when the flag is given.
+    if (reusePort && typeof deno.listenDatagram !== "function") {
+      throw new Error("reusePort is unstable: Deno needs --unstable-net");
+    }
+    const listener = deno.listen(
+      reusePort
+        ? { hostname, port, transport: "tcp", reusePort }
+        : { hostname, port, transport: "tcp" },
+    );
     return {
       port: (listener.addr as Deno.NetAddr).port,
       close: () => (listener.close(), CLOSED),
@@ -1249,8 +1334,9 @@ async function bindSocket(
     return await new Promise((resolve, reject) => {
       const server = net.createServer();
       server.once("error", reject);
+      const options = { host: hostname, port, backlog: 1, exclusive: true };
       server.listen(
-        { host: hostname, port, backlog: 1, exclusive: true },
+        reusePort ? { ...options, reusePort } : options,
         () => {
           server.off("error", reject);
           server.unref();
@@ -1267,6 +1353,7 @@ async function bindSocket(
     const socket = dgram.createSocket({
       type: hostname.includes(":") ? "udp6" : "udp4",
       reuseAddr: false,
+      reusePort,
     });
     const failed = (error: Error) => {
       socket.close();
@@ -1378,6 +1465,26 @@ async function connectUnix(address: string): Promise<UnixConnection> {
     close: () => void socket.destroy(),
     unref: () => void socket.unref(),
   };
+}
+
+/** Connects over TCP and closes at once: whether something accepts there. */
+async function connectTcp(hostname: string, port: number): Promise<void> {
+  if (deno) {
+    (await deno.connect({ hostname, port, transport: "tcp" })).close();
+    return;
+  }
+  const net = await loadNet();
+  await new Promise<void>((resolve, reject) => {
+    const socket = net.connect({ host: hostname, port });
+    socket.once("connect", () => {
+      socket.destroy();
+      resolve();
+    });
+    socket.once("error", (error) => {
+      socket.destroy();
+      reject(error);
+    });
+  });
 }
 
 function ownPid(): number {
@@ -1594,25 +1701,96 @@ async function isFree(port: number): Promise<boolean> {
 
 /**
  * Binds `port` on TCP and UDP on the wildcard address and keeps both bound:
- * IPv6 (dual-stack, so IPv4 too) where the host has it, else IPv4.
+ * IPv6 (dual-stack, so IPv4 too) where the host has it, else IPv4. With
+ * `reusePort`, the TCP socket (and the UDP one on Node) sets SO_REUSEPORT,
+ * and a second such bind proves that the caller's server can share it.
  */
-async function holdPort(port: number): Promise<BoundSocket[] | undefined> {
+async function holdPort(
+  port: number,
+  reusePort = false,
+): Promise<BoundSocket[] | undefined> {
   const held: BoundSocket[] = [];
   for (const proto of ["tcp", "udp"] as const) {
     for (const hostname of WILDCARDS) {
       try {
-        held.push(await bindSocket(proto, hostname, port));
-        break;
+        held.push(await bindSocket(proto, hostname, port, reusePort));
       } catch (error) {
         const kind = classify(error);
         if (kind === "family") continue;
         await Promise.all(held.map((s) => s.close()));
         if (kind === "taken") return undefined;
+        if (reusePort && /unstable/i.test(String((error as Error).message))) {
+          throw reusePortError(port, error);
+        }
         throw bindError(error, proto, hostname, port);
       }
+      if (reusePort && proto === "tcp") {
+        try {
+          await (await bindSocket(proto, hostname, port, true)).close();
+        } catch (error) {
+          await Promise.all(held.map((s) => s.close()));
+          throw reusePortError(port, error);
+        }
+      }
+      break;
     }
   }
   return held;
+}
+
+function reusePortError(port: number, error: unknown): Error {
+  const { message } = (error ?? {}) as ErrorWithCode;
+  const why = /unstable/i.test(String(message))
+    ? "Deno needs --unstable-net for it"
+    : `this runtime or OS cannot share a port (SO_REUSEPORT): ${message}`;
+  return new Error(`Cannot reserve port ${port} with reusePort: ${why}`, {
+    cause: error,
+  });
+}
+
+/**
+ * Waits until something accepts TCP connections on `port` at one of
+ * `hostnames`, polling with a back-off (10 ms, growing to 250 ms).
+ */
+async function waitUntilAccepting(
+  port: number,
+  hostnames: readonly string[],
+  timeout: number,
+  signal: AbortSignal | undefined,
+): Promise<void> {
+  const deadline = Date.now() + timeout;
+  let pause = 10;
+  while (true) {
+    signal?.throwIfAborted();
+    try {
+      await Promise.any(hostnames.map((h) => connectTcp(h, port)));
+      return;
+    } catch { /* nothing accepts yet */ }
+    const left = deadline - Date.now();
+    if (left <= 0) {
+      throw new Error(
+        `Port ${port} did not accept connections on ${
+          hostnames.join(" or ")
+        } within ${timeout} ms`,
+      );
+    }
+    await new Promise<void>((resolve, reject) => {
+      const done = () => {
+        clearTimeout(timer);
+        signal?.removeEventListener("abort", aborted);
+      };
+      const aborted = () => {
+        done();
+        reject(signal!.reason);
+      };
+      const timer = setTimeout(() => {
+        done();
+        resolve();
+      }, Math.min(pause, left));
+      signal?.addEventListener("abort", aborted, { once: true });
+    });
+    pause = Math.min(pause * 1.5, 250);
+  }
 }
 
 // Argument checks: a bad value is named in the error.
@@ -1754,9 +1932,10 @@ interface Plan {
   exclude: Set<number>;
   lockDir: string | undefined;
   label: string | undefined;
+  reusePort: boolean;
 }
 
-function plan(options: PickOptions | undefined): Plan {
+function plan(options: ReserveOptions | undefined): Plan {
   if (
     options !== undefined && (typeof options !== "object" || options === null)
   ) {
@@ -1782,7 +1961,18 @@ function plan(options: PickOptions | undefined): Plan {
       ? checkLockDir(opts.lockDir)
       : readEnv("PORTPICKER_LOCK_DIR") || undefined,
     label: opts.label === undefined ? undefined : checkLabel(opts.label),
+    reusePort: checkBoolean(opts.reusePort, "reusePort"),
   };
+}
+
+function checkBoolean(value: unknown, what: string): boolean {
+  if (value === undefined) return false;
+  if (typeof value !== "boolean") {
+    throw new TypeError(
+      `Invalid ${what} ${formatValue(value)}: expected true or false`,
+    );
+  }
+  return value;
 }
 
 function allowed(port: number, p: Plan, taken: Set<number>): boolean {
@@ -1799,8 +1989,8 @@ function closing(sockets: BoundSocket[]): Held["release"] {
 }
 
 /** Holds a port that was checked elsewhere; if it cannot, hands it out unheld. */
-async function tryHold(port: number, hold: boolean): Promise<Held> {
-  const sockets = hold ? await holdPort(port) : undefined;
+async function tryHold(port: number, hold: boolean, p?: Plan): Promise<Held> {
+  const sockets = hold ? await holdPort(port, p?.reusePort) : undefined;
   return { port, release: sockets ? closing(sockets) : NOTHING_HELD };
 }
 
@@ -1808,10 +1998,14 @@ async function tryHold(port: number, hold: boolean): Promise<Held> {
  * Checks that `port` is free and, when `hold`, keeps it bound. Undefined if
  * it is not free.
  */
-async function check(port: number, hold: boolean): Promise<Held | undefined> {
+async function check(
+  port: number,
+  hold: boolean,
+  p?: Plan,
+): Promise<Held | undefined> {
   if (!(await isFree(port))) return undefined;
   if (!hold) return { port, release: NOTHING_HELD };
-  const sockets = await holdPort(port);
+  const sockets = await holdPort(port, p?.reusePort);
   return sockets ? { port, release: closing(sockets) } : undefined;
 }
 
@@ -1850,9 +2044,9 @@ async function pickOne(
     if (!allowed(port, p, taken) || given(port)) continue;
     if (freePorts.delete(port)) {
       ownedPorts.add(port);
-      return await tryHold(port, hold);
+      return await tryHold(port, hold, p);
     }
-    const held = await take(await check(port, hold), p);
+    const held = await take(await check(port, hold, p), p);
     if (held) return held;
   }
 
@@ -1860,12 +2054,12 @@ async function pickOne(
     if (!allowed(port, p, taken)) continue;
     freePorts.delete(port);
     ownedPorts.add(port);
-    return await tryHold(port, hold);
+    return await tryHold(port, hold, p);
   }
 
   if (p.serverAddress) {
     const [port] = await fromServer(p, 1, taken);
-    if (port !== undefined) return await tryHold(port, hold);
+    if (port !== undefined) return await tryHold(port, hold, p);
   }
 
   if (!p.rangeGiven) {
@@ -1879,7 +2073,7 @@ async function pickOne(
       if (!allowed(port, p, taken) || given(port)) continue;
       if ((await bindEachFamily(second, port)) === undefined) continue;
       const held = await take(
-        hold ? await check(port, true) : { port, release: NOTHING_HELD },
+        hold ? await check(port, true, p) : { port, release: NOTHING_HELD },
         p,
       );
       if (held) return held;
@@ -1899,7 +2093,7 @@ async function pickOne(
     candidates[i] = candidates[candidates.length - 1];
     candidates.pop();
     tried++;
-    const held = await take(await check(port, hold), p);
+    const held = await take(await check(port, hold, p), p);
     if (held) return held;
   }
   throw new NoFreePortFoundError(p.range, tried);

@@ -335,21 +335,16 @@ test("hold_seconds works with PORTPICKER_LOCK_DIR set", async () => {
   }
 });
 
-test("$(portpicker $$ 3) does not wait for the holding process", async () => {
+test("$(portpicker $$ 10) does not wait for the holding process", async () => {
   const quote = (s: string) => `'${s.replaceAll("'", `'\\''`)}'`;
   const cli = runtimeCommand("cli.ts").map(quote).join(" ");
-  const started = Date.now();
   const result = await run(
-    ["bash", "-c", `p=$(${cli} "$$" 3); echo "got $p"`],
-    {
-      env: { PORTSERVER_ADDRESS: undefined },
-      timeoutMs: 10_000,
-    },
+    ["bash", "-c", `p=$(${cli} "$$" 10); echo "got $p"`],
+    { env: { PORTSERVER_ADDRESS: undefined }, timeoutMs: 60_000 },
   );
-  const took = Date.now() - started;
   assert.equal(result.code, 0, result.stderr);
   assert.match(result.stdout, /^got \d+\n$/);
-  assert.ok(took < 2_000, `bash took ${took} ms`);
+  // Had bash waited for the holder, the port would be free again by now.
   const port = Number(result.stdout.slice(4));
   assert.equal(await isPortFree(port), false, "the port is not held");
 });

@@ -9,6 +9,8 @@ import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import {
   addReservedPort,
+  bind,
+  forgetPorts,
   getPortFromPortServer,
   isPortFree,
   NoFreePortFoundError,
@@ -364,6 +366,62 @@ test("invalid ports throw TypeError or RangeError naming the value", async () =>
       shown,
     );
   }
+});
+
+test("ports takes a port or any iterable of ports; exclude any iterable; anything else is a TypeError naming the option", async () => {
+  const range = await freeRange(4);
+  const [a, b, c, d] = portsOf(range);
+  assert.equal(await pickUnusedPort({ ports: a, range }), a);
+  assert.equal(await pickUnusedPort({ ports: new Set([b]), range }), b);
+  function* gen() {
+    yield c;
+  }
+  assert.equal(await pickUnusedPort({ ports: gen(), range }), c);
+  assert.equal(
+    await pickUnusedPort({ range, exclude: new Set([a, b, c]) }),
+    d,
+  );
+  for (const port of [a, b, c, d]) returnPort(port);
+  const bad: [object, RegExp][] = [
+    [{ ports: "123" }, /Invalid ports "123": expected a port or an iterable/],
+    [{ ports: null }, /Invalid ports null/],
+    [{ ports: { length: 1 } }, /Invalid ports Object/],
+    [{ exclude: null }, /Invalid excluded ports null: expected an iterable/],
+    [{ exclude: 5 }, /Invalid excluded ports 5/],
+    [{ exclude: "80" }, /Invalid excluded ports "80"/],
+  ];
+  for (const [options, message] of bad) {
+    const error = await thrown(() => pickUnusedPort(options as never));
+    assert.ok(error instanceof TypeError, String(error));
+    assert.match((error as Error).message, message);
+  }
+});
+
+test("bind(port, protocol) is the Python bind: the port when it binds on every family, else undefined", async () => {
+  const tcp = await bind(0, "tcp");
+  assert.ok(tcp !== undefined && tcp > 0);
+  const udp = await bind(0, "udp");
+  assert.ok(udp !== undefined && udp > 0);
+  const held = await holdWithPython("tcp4");
+  try {
+    assert.equal(await bind(held.port, "tcp"), undefined);
+    assert.equal(await bind(held.port, "udp"), held.port);
+  } finally {
+    await held.release();
+  }
+  await assertInvalid(() => bind(65536, "tcp"), RangeError, "65536");
+  await assertInvalid(() => bind(80, "sctp" as "tcp"), TypeError, '"sctp"');
+});
+
+test("forgetPorts: a port given to this process can be picked again, as in a new process", async () => {
+  const range = await freeRange(1);
+  const [port] = portsOf(range);
+  assert.equal(await pickUnusedPort({ range }), port);
+  await thrown(() => pickUnusedPort({ range }));
+  addReservedPort(range[0] - 1);
+  forgetPorts();
+  assert.equal(await pickUnusedPort({ range }), port);
+  forgetPorts();
 });
 
 test("a backwards range, a bad count or a bad pid throws naming the value", async () => {

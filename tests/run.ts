@@ -1,7 +1,8 @@
 /**
  * Runs the whole test suite on Deno, Bun and Node 24 (and Deno once more
- * without --unstable-net, for its node:dgram fallback), streams their output
- * and ends with one summary line: `N passed, N failed`.
+ * without --unstable-net, for its node:dgram fallback), side by side, prints
+ * each runtime's output as it ends, and ends with one summary line:
+ * `N passed, N failed`.
  *
  * Usage: `node tests/run.ts [file filter]` (the README's `npm test`), or
  * `deno task test`. Runtimes come from node_modules/.bin, else from PATH.
@@ -115,29 +116,40 @@ if (!nodeVersion || Number(/^v(\d+)/.exec(nodeVersion)?.[1]) < 22) {
   process.exit(1);
 }
 
-let passed = 0;
-let failed = 0;
-const lines: string[] = [];
-for (const suite of suites) {
-  // No file for this suite under the filter: deno test would run them all.
-  if (!suite.command.some((arg) => arg.endsWith(".test.ts"))) continue;
-  console.log(`\n=== ${suite.name}: ${suite.command.slice(1).join(" ")}`);
-  const output = await new Promise<string>((resolve) => {
+/** Runs one suite to its end; its output, and how it ended. */
+function runSuite(suite: Suite): Promise<string> {
+  return new Promise<string>((resolve) => {
     let text = "";
     const child = spawn(suite.command[0], suite.command.slice(1), {
       cwd: root,
       env: { ...process.env, ...suite.env, NO_COLOR: "1" },
       stdio: ["ignore", "pipe", "pipe"],
     });
-    const take = (chunk: Buffer, to: NodeJS.WriteStream) => {
-      text += chunk.toString();
-      to.write(chunk);
-    };
-    child.stdout.on("data", (c: Buffer) => take(c, process.stdout));
-    child.stderr.on("data", (c: Buffer) => take(c, process.stderr));
+    child.stdout.on("data", (c: Buffer) => text += c);
+    child.stderr.on("data", (c: Buffer) => text += c);
     child.on("error", (error) => resolve(`${text}\n${error.message}`));
     child.on("close", (code) => resolve(`${text}\nexit ${code}`));
   });
+}
+
+// The runtimes run side by side: most of a suite's time is spent waiting on
+// other processes. Each suite's output is printed whole, as it ends.
+const started = performance.now();
+const runnable = suites.filter((suite) =>
+  // No file for this suite under the filter: deno test would run them all.
+  suite.command.some((arg) => arg.endsWith(".test.ts"))
+);
+const results = await Promise.all(runnable.map(async (suite) => {
+  const output = await runSuite(suite);
+  console.log(`\n=== ${suite.name}: ${suite.command.slice(1).join(" ")}`);
+  console.log(output);
+  return { suite, output };
+}));
+
+let passed = 0;
+let failed = 0;
+const lines: string[] = [];
+for (const { suite, output } of results) {
   const counts = suite.count(output);
   if (!counts) {
     lines.push(
@@ -152,6 +164,7 @@ for (const suite of suites) {
   passed += counts[0];
   failed += counts[1];
 }
-console.log(`\n${lines.join("\n")}`);
+const seconds = Math.round((performance.now() - started) / 1000);
+console.log(`\n${lines.join("\n")}\n(${seconds} s)`);
 console.log(`${passed} passed, ${failed} failed`);
 process.exit(failed === 0 && passed > 0 ? 0 : 1);

@@ -1,0 +1,168 @@
+/**
+ * The server's pool, in process: no sockets, no /proc; whether a port is
+ * free and whether a process lives are decided by the test.
+ */
+
+import assert from "node:assert/strict";
+import test from "node:test";
+import { type AliveCheck, PortPool } from "../portserver.ts";
+
+const free = () => Promise.resolve(true);
+const everyoneAlive: AliveCheck = () => true;
+
+function range(first: number, count: number): number[] {
+  return Array.from({ length: count }, (_, i) => first + i);
+}
+
+test("ports are handed out round-robin; a port given back is the last to be reused", async () => {
+  const pool = new PortPool(range(20000, 3));
+  const a = pool.ownerOf(100, 1);
+  const first = await pool.take(2, a, undefined, free, everyoneAlive);
+  assert.deepEqual(first.ports, [20000, 20001]);
+  assert.deepEqual(pool.release([20000], a), [20000]);
+  const next = await pool.take(1, a, undefined, free, everyoneAlive);
+  assert.deepEqual(next.ports, [20002]);
+  const last = await pool.take(1, a, undefined, free, everyoneAlive);
+  assert.deepEqual(last.ports, [20000]);
+  assert.equal(pool.allocated, 3);
+});
+
+test("take is all or none: too few free ports gives none and keeps the order", async () => {
+  const pool = new PortPool(range(20000, 3));
+  const a = pool.ownerOf(100, 1);
+  const taken = await pool.take(4, a, undefined, free, everyoneAlive);
+  assert.equal(taken.ports, undefined);
+  assert.equal(pool.allocated, 0);
+  const all = await pool.take(3, a, undefined, free, everyoneAlive);
+  assert.deepEqual(all.ports, [20000, 20001, 20002]);
+});
+
+test("a port found in use is skipped, reported, and tried again later", async () => {
+  const pool = new PortPool(range(20000, 3));
+  const a = pool.ownerOf(100, 1);
+  const busy = (port: number) => Promise.resolve(port !== 20000);
+  const taken = await pool.take(2, a, undefined, busy, everyoneAlive);
+  assert.deepEqual(taken.ports, [20001, 20002]);
+  assert.deepEqual(taken.inUse, [20000]);
+  assert.equal(taken.checked, 3);
+  assert.deepEqual(
+    (await pool.take(1, a, undefined, free, everyoneAlive)).ports,
+    [20000],
+  );
+});
+
+test("when the free ports run out, dead owners' ports are reclaimed once, with one look per owner", async () => {
+  const pool = new PortPool(range(20000, 4));
+  const live = pool.ownerOf(100, 1);
+  const dead = pool.ownerOf(200, 1);
+  await pool.take(2, live, undefined, free, everyoneAlive);
+  await pool.take(2, dead, undefined, free, everyoneAlive);
+  const looked: number[] = [];
+  const alive: AliveCheck = (pid) => {
+    looked.push(pid);
+    return pid !== 200;
+  };
+  const other = pool.ownerOf(300, 1);
+  const taken = await pool.take(2, other, "x", free, alive);
+  assert.deepEqual(taken.ports, [20002, 20003]);
+  assert.deepEqual(looked.sort(), [100, 200, 300]);
+  const status = pool.status(everyoneAlive);
+  assert.deepEqual(status.map((s) => [s.port, s.pid, s.label]), [
+    [20000, 100, null],
+    [20001, 100, null],
+    [20002, 300, "x"],
+    [20003, 300, "x"],
+  ]);
+});
+
+test("a reused pid (another start time) drops the old owner's ports", async () => {
+  const pool = new PortPool(range(20000, 2));
+  const old = pool.ownerOf(100, 1);
+  await pool.take(1, old, undefined, free, everyoneAlive);
+  assert.equal(pool.holdsAll([20000], 100), true);
+  const again = pool.ownerOf(100, 2);
+  assert.notEqual(again, old);
+  assert.equal(pool.allocated, 0);
+  assert.equal(pool.holdsAll([20000], 100), false);
+});
+
+test("release frees only the owner's ports; holdsAll is all or none", async () => {
+  const pool = new PortPool(range(20000, 3));
+  const a = pool.ownerOf(100, 1);
+  const b = pool.ownerOf(200, 1);
+  await pool.take(1, a, undefined, free, everyoneAlive);
+  await pool.take(1, b, undefined, free, everyoneAlive);
+  assert.equal(pool.holdsAll([20000, 20001], 100), false);
+  assert.deepEqual(pool.release([20000, 20001, 30000], a), [20000]);
+  assert.equal(pool.holdsAll([20001], 200), true);
+});
+
+test("leases are not saved and not reclaimed; they end only with releaseOwner", async () => {
+  const pool = new PortPool(range(20000, 2));
+  const lease = pool.leaseOwner();
+  await pool.take(2, lease, "l", free, everyoneAlive);
+  assert.deepEqual(pool.saved(), []);
+  assert.equal(pool.reclaim(() => false), 0);
+  const [status] = pool.status(() => false);
+  assert.deepEqual([status.pid, status.lease, status.alive], [
+    null,
+    true,
+    true,
+  ]);
+  assert.deepEqual(pool.releaseOwner(lease), [20000, 20001]);
+  assert.equal(pool.allocated, 0);
+});
+
+test("saved and restored: live owners keep their ports, the rest join the free ring", async () => {
+  const pool = new PortPool(range(20000, 4));
+  const a = pool.ownerOf(100, 7);
+  const b = pool.ownerOf(200, 7);
+  await pool.take(1, a, "web", free, everyoneAlive, 1000);
+  await pool.take(1, b, undefined, free, everyoneAlive, 2000);
+  const saved = pool.saved();
+  assert.deepEqual(saved, [[20000, 100, 7, 1000, "web"], [
+    20001,
+    200,
+    7,
+    2000,
+  ]]);
+
+  const restored = new PortPool(range(20000, 4));
+  const n = restored.restore(
+    [...saved, [20000, 300, 7, 0], [40000, 100, 7, 0]],
+    (pid) => pid !== 200,
+  );
+  assert.equal(n, 1);
+  assert.equal(restored.holdsAll([20000], 100), true);
+  const c = restored.ownerOf(400, 1);
+  const taken = await restored.take(3, c, undefined, free, everyoneAlive);
+  assert.deepEqual(taken.ports, [20001, 20002, 20003]);
+});
+
+test("status marks ports of dead holders as not alive", async () => {
+  const pool = new PortPool(range(20000, 2));
+  await pool.take(1, pool.ownerOf(100, 1), undefined, free, everyoneAlive);
+  await pool.take(1, pool.ownerOf(200, 1), undefined, free, everyoneAlive);
+  const status = pool.status((pid) => pid === 100);
+  assert.deepEqual(status.map((s) => [s.port, s.alive]), [
+    [20000, true],
+    [20001, false],
+  ]);
+});
+
+test("a pool of 65,535 ports hands every one out once", async () => {
+  const pool = new PortPool(range(1, 65535));
+  const a = pool.ownerOf(100, 1);
+  const taken = new Set<number>();
+  for (let i = 0; i < 66; i++) {
+    const result = await pool.take(1000, a, undefined, free, everyoneAlive);
+    for (const port of result.ports ?? []) taken.add(port);
+    if (!result.ports) {
+      const rest = await pool.take(535, a, undefined, free, everyoneAlive);
+      for (const port of rest.ports!) taken.add(port);
+      break;
+    }
+  }
+  assert.equal(taken.size, 65535);
+  assert.equal(pool.allocated, 65535);
+});
