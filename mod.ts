@@ -61,16 +61,17 @@ export class NoFreePortFoundError extends Error {
    * Makes the error; the message names the range and what was tried.
    *
    * @param range The inclusive search range that was walked.
-   * @param tried How many of its ports were tried.
-   * @param wanted How many ports were asked for, when more than one.
+   * @param tried How many of its ports were tried; when several ports were
+   * asked for, how many of them were found.
+   * @param wanted How many ports were asked for.
    */
   constructor(range: readonly [number, number], tried: number, wanted = 1) {
     const size = range[1] - range[0] + 1;
     super(
       wanted > 1
-        ? `No ${wanted} free ports in ${range[0]}-${
+        ? `Not enough free ports in ${range[0]}-${
           range[1]
-        }: only ${tried} of its ${size} ports could be had`
+        }: asked for ${wanted}, found ${tried} of its ${size} ports`
         : `No free port found in ${range[0]}-${
           range[1]
         }: tried ${tried} of ${size} ports`,
@@ -2121,6 +2122,9 @@ async function fromServer(
   const address = p.serverAddress!;
   const pid = p.pid ?? ownPid();
   const ports = await takeFromServer(address, pid, count, p.label);
+  // No port, a bad reply or no server: as if no server had answered, and
+  // not asked again in this call (one line on stderr, not one a port).
+  if (ports.length === 0) p.serverAddress = undefined;
   const unusable = ports.filter((port) => !allowed(port, p, taken));
   if (unusable.length === 0) return ports;
   console.error(
@@ -2128,6 +2132,7 @@ async function fromServer(
       unusable.join(", ")
     } from the port server are excluded or outside the range; picking locally`,
   );
+  p.serverAddress = undefined;
   for (const port of ports) {
     ownedPorts.delete(port);
     serverPorts.delete(port);

@@ -589,7 +589,7 @@ function wellFormed(entry: unknown): entry is SavedAllocation {
   return Number.isInteger(port) && port >= 1 && port <= 65535 &&
     Number.isInteger(pid) && pid >= 2 && pid <= 0x7fffffff &&
     Number.isSafeInteger(startTime) && startTime >= 0 &&
-    Number.isFinite(since) && Math.abs(since) <= 8.64e15 &&
+    Number.isFinite(since) && since >= 0 && since <= 8.64e15 &&
     (entry.length < 4 || typeof entry[3] === "number") &&
     (label === undefined ||
       (typeof label === "string" && /^[\x21-\x7e]{1,100}$/.test(label)));
@@ -819,7 +819,12 @@ class Server implements PortServer {
     this.#options = options;
     this.#pool = new PortPool(ports);
     this.#log = options.log ?? ((line) => console.error(line));
-    this.#maxConnections = options.maxConnections ?? 4096;
+    // Below the descriptor limit, with room for port checks and the state
+    // file: new connections over it are closed, so accept never fails.
+    this.#maxConnections = Math.max(
+      1,
+      Math.min(options.maxConnections ?? 4096, descriptorLimit() - 64),
+    );
   }
 
   info(message: string): void {
@@ -855,12 +860,18 @@ class Server implements PortServer {
     const path = this.#options.statePath;
     if (path) {
       this.#state = new StateFile(path, () => this.#pool.saved());
-      const { entries, dropped } = await this.#state.load((m) => this.warn(m));
+      const loaded = await this.#state.load((m) => this.warn(m));
+      // Each port once, and only ports of this pool.
+      const seen = new Set<number>();
+      const entries = loaded.entries.filter(([port]) =>
+        this.#pool.has(port) && !seen.has(port) && seen.add(port)
+      );
+      const dropped = loaded.dropped + loaded.entries.length - entries.length;
       if (dropped > 0) {
         this.warn(
           `State file ${path}: dropped ${dropped} invalid ${
             dropped === 1 ? "entry" : "entries"
-          } (bad port, pid, time or label).`,
+          } (a port not in the pool or named twice, or a bad pid, time or label).`,
         );
       }
       const restored = this.#pool.restore(entries, alive);
@@ -1229,6 +1240,20 @@ function requireProcAccess(): void {
     throw new Error(
       "The port server needs --allow-read (for /proc/<pid>/stat) on Deno",
     );
+  }
+}
+
+/** This process's soft limit of open files (Linux), else a large number. */
+function descriptorLimit(): number {
+  if (!IS_LINUX) return Infinity;
+  try {
+    const text = deno
+      ? deno.readTextFileSync("/proc/self/limits")
+      : fs().readFileSync("/proc/self/limits", "utf8");
+    const soft = /^Max open files\s+(\d+)/m.exec(text)?.[1];
+    return soft ? Number(soft) : Infinity;
+  } catch {
+    return Infinity;
   }
 }
 
