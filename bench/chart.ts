@@ -1,140 +1,77 @@
 /**
- * The bench's SVG chart, written by hand (no dependencies): one horizontal
- * bar per headline ratio, on a log scale centred on 1×, so that 2× faster and
- * 2× slower are bars of the same length on either side of the 1× line.
+ * The bench's SVG chart, written by hand: one horizontal bar per headline
+ * ratio, on a log scale centred on 1×, so that 2× better and 2× worse are bars
+ * of the same length on either side of the 1× line.
  */
 
-/** One bar: a ratio where above 1 means ours is better. */
+/** A ratio where above 1 means ours is better; the target is drawn as a tick. */
 export interface Bar {
   label: string;
-  /** Undefined when the figure could not be measured. */
   value: number | undefined;
-  /** The target's ratio, drawn as a marker on the bar's row. */
   target?: number;
 }
 
-const WIDTH = 800;
-const LABEL_WIDTH = 340;
-const PLOT_LEFT = LABEL_WIDTH + 10;
-const PLOT_RIGHT = WIDTH - 60;
-const ROW = 24;
-const TOP = 62;
-const BOTTOM = 58;
+const [WIDTH, LABELS, LEFT, RIGHT, ROW, TOP] = [800, 340, 350, 740, 24, 62];
+const GREY = ` text-anchor="middle" fill="#555555"`;
+const LEGEND =
+  "Green: target met (or above 1× where there is no target); red: not. Black tick: the target. Log scale.";
 
-function escapeXml(text: string): string {
-  return text.replaceAll("&", "&amp;").replaceAll("<", "&lt;")
-    .replaceAll(">", "&gt;").replaceAll('"', "&quot;");
-}
+const text = (x: number | string, y: number, s: string, more = "") =>
+  `<text x="${x}" y="${y}"${more}>${
+    s.replaceAll("&", "&amp;").replaceAll("<", "&lt;")
+  }</text>`;
+const line = (x: string, y1: number, y2: number, style: string) =>
+  `<line x1="${x}" y1="${y1}" x2="${x}" y2="${y2}" ${style}/>`;
 
-/** A ratio as the report shows it, so that chart and tables agree. */
-function formatRatio(value: number): string {
-  return `${value.toFixed(2)}×`;
-}
-
-/** Tick values 1, 2, 5 × 10^k inside the domain. */
-function ticks(low: number, high: number): number[] {
-  const out: number[] = [];
-  for (let exponent = -3; exponent <= 4; exponent++) {
-    for (const step of [1, 2, 5]) {
-      const value = step * 10 ** exponent;
-      if (value >= low * 0.999 && value <= high * 1.001) out.push(value);
-    }
-  }
-  return out;
-}
-
-/** The chart as an SVG document. */
-export function renderChart(
-  bars: Bar[],
-  title: string,
-  subtitle: string,
-): string {
-  const shown = bars.flatMap((b) => [b.value, b.target]).filter((
-    v,
-  ): v is number => v !== undefined && v > 0 && Number.isFinite(v));
+export function renderChart(bars: Bar[], title: string, subtitle: string) {
+  const shown = bars.flatMap((b) => [b.value ?? 1, b.target ?? 1])
+    .filter((v) => v > 0 && Number.isFinite(v));
   // Whole decades on both sides of 1×, wide enough for every bar and target.
-  const low = 10 ** Math.floor(Math.log10(Math.min(0.5, ...shown)));
-  const high = 10 ** Math.ceil(Math.log10(Math.max(2, ...shown)));
-  const x = (value: number): number =>
-    PLOT_LEFT +
-    (Math.log10(value) - Math.log10(low)) /
-      (Math.log10(high) - Math.log10(low)) * (PLOT_RIGHT - PLOT_LEFT);
-  const height = TOP + bars.length * ROW + BOTTOM;
-  const plotBottom = TOP + bars.length * ROW;
-  const out: string[] = [
+  const low = Math.floor(Math.log10(Math.min(0.5, ...shown)));
+  const high = Math.ceil(Math.log10(Math.max(2, ...shown)));
+  const x = (v: number) =>
+    (LEFT + (Math.log10(v) - low) / (high - low) * (RIGHT - LEFT)).toFixed(1);
+  const bottom = TOP + bars.length * ROW;
+  const [w, h] = [WIDTH, bottom + 58];
+  const bold = ` text-anchor="middle" font-size="16" font-weight="bold"`;
+  const out = [
     `<?xml version="1.0" encoding="UTF-8"?>`,
-    `<svg xmlns="http://www.w3.org/2000/svg" width="${WIDTH}" height="${height}" viewBox="0 0 ${WIDTH} ${height}" font-family="Helvetica, Arial, sans-serif" font-size="12">`,
-    `<rect width="${WIDTH}" height="${height}" fill="#ffffff"/>`,
-    `<text x="${
-      WIDTH / 2
-    }" y="22" text-anchor="middle" font-size="16" font-weight="bold">${
-      escapeXml(title)
-    }</text>`,
-    `<text x="${WIDTH / 2}" y="42" text-anchor="middle" fill="#555555">${
-      escapeXml(subtitle)
-    }</text>`,
+    `<svg xmlns="http://www.w3.org/2000/svg" width="${w}" height="${h}" viewBox="0 0 ${w} ${h}" font-family="Helvetica, Arial, sans-serif" font-size="12">`,
+    `<rect width="${w}" height="${h}" fill="#ffffff"/>`,
+    text(w / 2, 22, title, bold),
+    text(w / 2, 42, subtitle, GREY),
   ];
-  for (const tick of ticks(low, high)) {
-    const tx = x(tick).toFixed(1);
-    out.push(
-      `<line x1="${tx}" y1="${
-        TOP - 4
-      }" x2="${tx}" y2="${plotBottom}" stroke="#e4e4e4"/>`,
-      `<text x="${tx}" y="${
-        plotBottom + 16
-      }" text-anchor="middle" fill="#555555">${tick}×</text>`,
-    );
+  for (let e = low; e <= high; e++) {
+    for (const tick of [1, 2, 5].map((step) => step * 10 ** e)) {
+      if (tick > 10 ** high * 1.001) continue;
+      out.push(line(x(tick), TOP - 4, bottom, `stroke="#e4e4e4"`));
+      out.push(text(x(tick), bottom + 16, `${+tick.toPrecision(1)}×`, GREY));
+    }
   }
-  bars.forEach((bar, i) => {
+  bars.forEach(({ label, value, target }, i) => {
     const y = TOP + i * ROW;
-    const middle = y + ROW / 2;
-    out.push(
-      `<text x="${LABEL_WIDTH}" y="${middle + 4}" text-anchor="end">${
-        escapeXml(bar.label)
-      }</text>`,
-    );
-    if (bar.value === undefined || !(bar.value > 0)) {
-      out.push(
-        `<text x="${x(1) + 6}" y="${
-          middle + 4
-        }" fill="#b00020">not measured</text>`,
-      );
+    out.push(text(LABELS, y + 16, label, ` text-anchor="end"`));
+    if (value === undefined || !(value > 0)) {
+      out.push(text(+x(1) + 6, y + 16, "not measured", ` fill="#b00020"`));
     } else {
-      const value = Math.min(Math.max(bar.value, low), high);
-      const from = Math.min(x(1), x(value));
-      const width = Math.max(Math.abs(x(value) - x(1)), 1);
-      const good = bar.value >= (bar.target ?? 1);
-      const right = value >= 1;
+      const v = Math.min(Math.max(value, 10 ** low), 10 ** high);
+      const [from, to] = [x(Math.min(1, v)), x(Math.max(1, v))];
+      const width = Math.max(+to - +from, 1).toFixed(1);
+      const fill = value >= (target ?? 1) ? "#2e7d32" : "#c62828";
+      const [dx, anchor] = v >= 1 ? [5, "start"] : [-5, "end"];
+      const at = ` text-anchor="${anchor}"`;
       out.push(
-        `<rect x="${from.toFixed(1)}" y="${y + 4}" width="${
-          width.toFixed(1)
-        }" height="${ROW - 8}" fill="${good ? "#2e7d32" : "#c62828"}"/>`,
-        `<text x="${(right ? x(value) + 5 : x(value) - 5).toFixed(1)}" y="${
-          middle + 4
-        }" text-anchor="${right ? "start" : "end"}">${
-          formatRatio(bar.value)
-        }</text>`,
+        `<rect x="${from}" y="${
+          y + 4
+        }" width="${width}" height="16" fill="${fill}"/>`,
+        text(+x(v) + dx, y + 16, `${value.toFixed(2)}×`, at),
       );
     }
-    if (bar.target !== undefined) {
-      const tx = x(bar.target).toFixed(1);
-      out.push(
-        `<line x1="${tx}" y1="${y + 1}" x2="${tx}" y2="${
-          y + ROW - 1
-        }" stroke="#111111" stroke-width="3"/>`,
-      );
-    }
+    const style = `stroke="#111111" stroke-width="3"`;
+    if (target !== undefined) out.push(line(x(target), y + 1, y + 23, style));
   });
-  const one = x(1).toFixed(1);
-  out.push(
-    `<line x1="${one}" y1="${
-      TOP - 8
-    }" x2="${one}" y2="${plotBottom}" stroke="#111111" stroke-width="1.5"/>`,
-    `<text x="${WIDTH / 2}" y="${
-      plotBottom + 40
-    }" text-anchor="middle" fill="#555555">Green: target met (or above 1× where there is no target); red: not. Black tick: the target. Log scale.</text>`,
-    `</svg>`,
-    "",
-  );
+  const axis = `stroke="#111111" stroke-width="1.5"`;
+  out.push(line(x(1), TOP - 8, bottom, axis));
+  out.push(text(w / 2, bottom + 40, LEGEND, GREY), `</svg>`, "");
   return out.join("\n");
 }

@@ -1,37 +1,50 @@
 /**
- * Child of the bench: picks N ports with pickUnusedPort, no port server, then
- * checks one free port N times with isPortFree, and prints `{"rate": ports
- * per second, "checkRate": checks per second}`. Runs on Deno, Bun and Node.
+ * Child of the bench, on Deno, Bun or Node, with no port server.
  *
- * A pick needs at least one such check (a port is free only when it binds on
- * both protocols), so the check rate is the most a picker on this runtime
- * could reach.
+ * `pick.ts N` picks N ports with pickUnusedPort, then checks one free port N
+ * times with isPortFree, each after 20 untimed calls, and prints `{"rate":
+ * ports/s, "checkRate": checks/s}`. A pick needs at least one such check (a
+ * port is free only when it binds on both protocols), so the check rate is
+ * the most a picker on this runtime could reach.
  *
- * Usage: pick.ts N
+ * `pick.ts exhaust CAP` picks until NoFreePortFoundError (or CAP ports, when
+ * CAP > 0) and prints `{"distinct", "exhausted", "seconds"}`.
  */
 
 import process from "node:process";
-import { isPortFree, pickUnusedPort } from "../mod.ts";
+import { isPortFree, NoFreePortFoundError, pickUnusedPort } from "../mod.ts";
 
-/** Enough picks for the JIT and the lazily loaded socket modules to settle. */
-const WARM_UP = 20;
+const [mode, arg] = process.argv.slice(-2);
+const n = Number(arg);
 
-const count = Number(process.argv.at(-1));
-if (!Number.isInteger(count) || count < 1) {
-  throw new Error(`usage: pick.ts N (got ${process.argv.at(-1)})`);
+/** Calls per second of `f`, after 20 untimed calls. */
+async function rate(f: () => Promise<unknown>): Promise<number> {
+  for (let i = 0; i < 20; i++) await f();
+  const began = performance.now();
+  for (let i = 0; i < n; i++) await f();
+  return n / (performance.now() - began) * 1000;
 }
-for (let i = 0; i < WARM_UP; i++) await pickUnusedPort();
-const began = performance.now();
-for (let i = 0; i < count; i++) await pickUnusedPort();
-const seconds = (performance.now() - began) / 1000;
 
-const port = await pickUnusedPort();
-for (let i = 0; i < WARM_UP; i++) await isPortFree(port);
-const checksBegan = performance.now();
-for (let i = 0; i < count; i++) {
-  if (!await isPortFree(port)) throw new Error(`port ${port} was taken`);
+if (mode === "exhaust") {
+  const ports = new Set<number>();
+  let exhausted = false;
+  const began = performance.now();
+  while (n === 0 || ports.size < n) {
+    try {
+      ports.add(await pickUnusedPort());
+    } catch (error) {
+      if (!(error instanceof NoFreePortFoundError)) throw error;
+      exhausted = true;
+      break;
+    }
+  }
+  const seconds = (performance.now() - began) / 1000;
+  console.log(JSON.stringify({ distinct: ports.size, exhausted, seconds }));
+} else {
+  const picks = await rate(pickUnusedPort);
+  const port = await pickUnusedPort();
+  const checks = await rate(async () => {
+    if (!await isPortFree(port)) throw new Error(`port ${port} was taken`);
+  });
+  console.log(JSON.stringify({ rate: picks, checkRate: checks }));
 }
-const checkSeconds = (performance.now() - checksBegan) / 1000;
-console.log(
-  JSON.stringify({ rate: count / seconds, checkRate: count / checkSeconds }),
-);

@@ -1,20 +1,12 @@
 /**
- * Turns the bench's samples into the markdown report, the targets and the
- * chart's bars. Every figure is the median of the repetitions that succeeded.
+ * The bench's report: one run's samples as the markdown tables, the internal
+ * targets and the chart's bars. Every figure is the median of the
+ * repetitions that succeeded.
  */
 
 import type { Bar } from "./chart.ts";
 
-/** The sections of the bench, in the report's order. */
-export const SECTIONS = [
-  "pick",
-  "exhaust",
-  "server",
-  "startup",
-  "memory",
-] as const;
-export type Section = typeof SECTIONS[number];
-
+export type Section = "pick" | "exhaust" | "server" | "startup" | "memory";
 /** The markdown headers, one per section (the smoke test looks for them). */
 export const HEADERS: Record<Section, string> = {
   pick: "## 1. Picking without a server",
@@ -23,674 +15,387 @@ export const HEADERS: Record<Section, string> = {
   startup: "## 4. Start-up",
   memory: "## 5. Memory",
 };
+export const SECTIONS = Object.keys(HEADERS) as Section[];
 export const TARGETS_HEADER = "## Targets";
-
-/** The sizes of one run. */
-export interface Sizes {
-  /** Repetitions of every figure, each in a fresh process. */
-  reps: number;
-  /** Ports picked per process in section 1. */
-  picks: number;
-  /** Section 2 stops after this many ports (0: at the failure). */
-  exhaustCap: number;
-  /** Ports in the server's pool in section 3. */
-  pool: number;
-  /** Repetitions of each start-up. */
-  startupReps: number;
-  /** Ports in the server's pool in section 5. */
-  memoryPool: number;
-}
-
-export const OCCUPANCIES = [0, 50, 90] as const;
-
-/**
- * The timed requests of every cell of section 3: the ports B leaves
- * reclaimable at the highest occupancy. Every cell times the same number, as
- * a short run weighs its ramp-up and tail more than a long one.
- */
-export function measuredRequests(pool: number): number {
-  return Math.floor(pool * (100 - Math.max(...OCCUPANCIES)) / 100);
-}
-export const CONCURRENCIES = [1, 16] as const;
-
-/** The pickers of section 1, the servers of sections 3 and 5. */
-export const PICKERS = ["deno", "bun", "node", "python", "getport"] as const;
-export type Picker = typeof PICKERS[number];
-export const SERVERS = ["deno", "bun", "python"] as const;
-export type ServerKind = typeof SERVERS[number];
-export const STARTUPS = ["deno", "bun", "node", "binary", "python"] as const;
-export type Startup = typeof STARTUPS[number];
-
-/** One process's result in section 2. */
-export interface Exhaustion {
-  distinct: number;
-  exhausted: boolean;
-  seconds: number;
-}
-
-/** Where the bench ran. */
-export interface Machine {
-  cores: number;
-  /** Clock ticks per second of /proc's CPU times. */
-  clockTicks: number;
-  cpu: string;
-  date: string;
-  commit: string;
-  /** Runtime and peer versions, by name. */
-  versions: [string, string][];
-  loadBefore: number[];
-  loadAfter: number[];
-}
-
-/** Everything measured in one run. */
-export interface Results {
-  sizes: Sizes;
-  sections: readonly Section[];
-  machine: Machine;
-  /** Samples by key, one per successful repetition. */
-  samples: Map<string, number[]>;
-  exhaustion: Partial<Record<"ours" | "python", Exhaustion>>;
-  /** The servers' pools (`--pool`) in sections 3 and 5. */
-  pools: Partial<Record<"server" | "memory", string>>;
-  /** Failures: each one leaves a figure missing or short of repetitions. */
-  errors: string[];
-  /** Anything odd that did not stop a figure, with how often it was seen. */
-  notes: Map<string, number>;
-  wallSeconds: number;
-  /** How the run was started, for the report. */
-  command: string;
-}
-
-export function pickKey(picker: Picker): string {
-  return `pick/${picker}`;
-}
-/** Section 1's free-port checks (`isPortFree`, `is_port_free`) per second. */
-export function checkKey(picker: Picker): string {
-  return `check/${picker}`;
-}
-export function serverKey(
-  server: ServerKind,
-  occupancy: number,
-  concurrency: number,
-  what: "rps" | "p50" | "p99" | "cpu",
-): string {
-  return `server/${server}/${occupancy}/${concurrency}/${what}`;
-}
-export function startupKey(command: Startup): string {
-  return `startup/${command}`;
-}
-export function memoryKey(server: ServerKind, when: "start" | "full"): string {
-  return `memory/${server}/${when}`;
-}
-
-export function median(values: readonly number[]): number | undefined {
-  if (values.length === 0) return undefined;
-  const sorted = [...values].sort((a, b) => a - b);
-  const middle = Math.floor(sorted.length / 2);
-  return sorted.length % 2
-    ? sorted[middle]
-    : (sorted[middle - 1] + sorted[middle]) / 2;
-}
-
-function ratio(
-  a: number | undefined,
-  b: number | undefined,
-): number | undefined {
-  return a === undefined || b === undefined || b === 0 ? undefined : a / b;
-}
-
-// ---------------------------------------------------------------------------
-// Formatting.
-
-const NONE = "—";
-
-/**
- * Free text (error messages, process output) as a code span, on one line:
- * markdown there is taken literally, and `deno fmt` leaves it as it is.
- */
-function code(text: string): string {
-  return `\`${text.replace(/\s+/g, " ").replaceAll("`", "'").trim()}\``;
-}
-
-/** A pool for the report: its ranges, unless there are too many to read. */
-function poolText(spec: string | undefined): string {
-  if (spec === undefined) return "none";
-  const ranges = spec.split(",");
-  if (ranges.length <= 3) return `\`${spec}\``;
-  const first = ranges[0].split("-")[0];
-  const last = ranges.at(-1)!.split("-")[1];
-  return `${ranges.length} ranges from ${first} to ${last}`;
-}
-
-function thousands(value: number): string {
-  return String(Math.round(value)).replace(/\B(?=(\d{3})+(?!\d))/g, ",");
-}
-
-function fixed(value: number | undefined, digits: number): string {
-  return value === undefined ? NONE : value.toFixed(digits);
-}
-
-function times(value: number | undefined): string {
-  return value === undefined ? NONE : `${value.toFixed(2)}×`;
-}
-
-/**
- * A markdown table laid out as `deno fmt` lays it out, so that the results
- * file passes `deno fmt --check` as written. Columns after the first are
- * numbers, aligned right.
- */
-function table(header: string[], rows: string[][]): string {
-  const widths = header.map((h, i) =>
-    Math.max(3, h.length, ...rows.map((r) => r[i].length))
-  );
-  const line = (cells: string[]) =>
-    `| ${
-      cells.map((c, i) => i === 0 ? c.padEnd(widths[i]) : c.padStart(widths[i]))
-        .join(" | ")
-    } |`;
-  const rule = `| ${
-    widths.map((w, i) => i === 0 ? "-".repeat(w) : `${"-".repeat(w - 1)}:`)
-      .join(" | ")
-  } |`;
-  return [line(header), rule, ...rows.map(line)].join("\n");
-}
-
-// ---------------------------------------------------------------------------
-// The report.
-
-const PICKER_NAMES: Record<Picker, string> = {
+export const OCCUPANCIES = [0, 50, 90];
+export const CONCURRENCIES = [1, 16];
+/** Ours runs on these two, and so does the trivial reply server. */
+const RUNTIMES = { deno: "Deno", bun: "Bun" };
+const PICKERS = {
   deno: "ours, `pickUnusedPort` on Deno",
+  "deno-stable": "ours on Deno without `--unstable-net`",
   bun: "ours, `pickUnusedPort` on Bun",
   node: "ours, `pickUnusedPort` on Node",
   python: "Python `portpicker.pick_unused_port`",
   getport: "`get-port` on Node",
 };
-const SERVER_NAMES: Record<ServerKind, string> = {
+const SERVERS = {
   deno: "ours on Deno",
   bun: "ours on Bun",
   python: "Python `portserver`",
 };
-const STARTUP_NAMES: Record<Startup, string> = {
+const MEMORY = {
+  deno: "ours on Deno",
+  "deno-trivial": "trivial reply server on Deno",
+  "deno-empty": "empty Deno (an idle script)",
+  bun: "ours on Bun",
+  "bun-trivial": "trivial reply server on Bun",
+  "bun-empty": "empty Bun (an idle script)",
+  python: "Python `portserver`",
+};
+const STARTUPS = {
   deno: "`deno run -A cli.ts`",
   bun: "`bun cli.ts`",
   node: "`node cli.ts`",
   binary: "compiled binary (`bun build --compile --minify --bytecode`)",
   python: "`python3 -m portpicker`",
 };
+/** The kinds of process each section runs, in the report's order. */
+export const KINDS = {
+  runtime: Object.keys(RUNTIMES),
+  pick: Object.keys(PICKERS),
+  server: Object.keys(SERVERS),
+  memory: Object.keys(MEMORY),
+  startup: Object.keys(STARTUPS),
+};
+/** The internal targets, each with its goal. */
+const TARGETS = {
+  pick: "Picking at least 2× Python's rate on Deno and Bun",
+  python:
+    "Server at least 5× Python's requests per second at 16 clients (every occupancy, Deno and Bun)",
+  limit:
+    "Server at least 0.5× the trivial reply server on its runtime at 16 clients (every occupancy)",
+  own: "Our server's rate at 90 % occupancy at least 0.8× its own rate at 0 %",
+  startup:
+    "Compiled binary's start-up at most half of Python's (Python ÷ binary ≥ 2)",
+  memory:
+    "Server's peak RSS with the pool handed out at most the trivial reply server's + 10 MiB ((trivial + 10 MiB) ÷ ours ≥ 1)",
+};
 
-/** A view of the results with the medians at hand. */
-class Figures {
-  readonly results: Results;
+/**
+ * The timed requests of every cell of section 3: the ports B leaves
+ * reclaimable at 90 % held. Every cell times the same number, as a short run
+ * weighs its ramp-up and tail more than a long one.
+ */
+export const timedRequests = (pool: number) => Math.floor(pool / 10);
 
-  constructor(results: Results) {
-    this.results = results;
-  }
-
-  get(key: string): number | undefined {
-    return median(this.results.samples.get(key) ?? []);
-  }
-
-  /** "n of R" when some repetitions of a figure failed. */
-  count(key: string, of: number): string {
-    const n = this.results.samples.get(key)?.length ?? 0;
-    return n === of ? "" : ` (${n} of ${of} runs)`;
-  }
-
-  has(section: Section): boolean {
-    return this.results.sections.includes(section);
-  }
+export interface Exhaustion {
+  distinct: number;
+  exhausted: boolean;
+  seconds: number;
 }
 
-/** One target and whether it was met. */
-export interface Target {
-  text: string;
-  measured: string;
-  met: boolean | undefined;
+export interface Results {
+  /** The sizes of the run: see run.ts. */
+  sizes: Record<
+    "reps" | "picks" | "exhaustCap" | "pool" | "memoryPool" | "startupReps",
+    number
+  >;
+  sections: Section[];
+  /** Samples by key (`pick/deno`, `server/bun/50/16/rps`...), one a run. */
+  samples: Map<string, number[]>;
+  exhaustion: Partial<Record<"ours" | "python", Exhaustion>>;
+  /** The servers' pools (`--pool`) in sections 3 and 5. */
+  pools: Partial<Record<"server" | "memory", string>>;
+  /** The facts of the report's header. */
+  machine: Record<"cores" | "cpu" | "date" | "commit" | "versions", string>;
+  /** The load average before and after; /proc's clock ticks per second. */
+  load: string[];
+  clockTicks: number;
+  /** Failures: each one leaves a figure missing or short of repetitions. */
+  errors: string[];
+  /** Anything odd that did not stop a figure, with how often it was seen. */
+  notes: Map<string, number>;
+  wallSeconds: number;
+  command: string;
 }
 
-function serverRatio(
-  f: Figures,
-  server: ServerKind,
-  occupancy: number,
-  concurrency: number,
-): number | undefined {
-  return ratio(
-    f.get(serverKey(server, occupancy, concurrency, "rps")),
-    f.get(serverKey("python", occupancy, concurrency, "rps")),
-  );
+const NONE = "—";
+const ratio = (a?: number, b?: number) =>
+  a === undefined || b === undefined || b === 0 ? undefined : a / b;
+const times = (v?: number) =>
+  v === undefined || isNaN(v) ? NONE : `${v.toFixed(2)}×`;
+const fixed = (v: number | undefined, digits: number) =>
+  v === undefined || isNaN(v) ? NONE : v.toFixed(digits);
+const thousands = (v?: number) =>
+  v === undefined ? NONE : Math.round(v).toLocaleString("en-US");
+const mib = (kib?: number) => fixed(kib === undefined ? kib : kib / 1024, 1);
+
+/** A markdown table: text in the first column, numbers in the others. */
+function table(header: string, rows: string[][]): string {
+  const rule = header.split(" | ").map((_, i) => i ? "--:" : "---");
+  const lines = [rule, ...rows].map((row) => `| ${row.join(" | ")} |`);
+  return [`| ${header} |`, ...lines].join("\n");
 }
 
-function ownRatio(
-  f: Figures,
-  server: ServerKind,
-  concurrency: number,
-): number | undefined {
-  return ratio(
-    f.get(serverKey(server, 90, concurrency, "rps")),
-    f.get(serverKey(server, 0, concurrency, "rps")),
-  );
+/** The run's medians by key, and the ratios that the report shows. */
+function figures({ samples, sizes, sections }: Results) {
+  const get = (key: string) => {
+    const v = [...samples.get(key) ?? []].sort((a, b) => a - b);
+    const m = Math.floor(v.length / 2);
+    if (v.length > 0) return v.length % 2 ? v[m] : (v[m - 1] + v[m]) / 2;
+  };
+  const server = (s: string, o: number, c: number, what = "rps") =>
+    get(`server/${s}/${o}/${c}/${what}`);
+  const full = (m: string) => get(`memory/${m}/full`);
+  const rps = (s: string, o: number, c = 16) => server(s, o, c);
+  return {
+    get,
+    server,
+    full,
+    /** A row's name, with " (n of R runs)" when some repetitions failed. */
+    name: (name: string, key: string, of = sizes.reps) => {
+      const n = samples.get(key)?.length ?? 0;
+      return n === of ? name : `${name} (${n} of ${of} runs)`;
+    },
+    has: (section: Section) => sections.includes(section),
+    pick: (p: string) => ratio(get(`pick/${p}`), get("pick/python")),
+    python: (s: string, o: number, c = 16) =>
+      ratio(rps(s, o, c), rps("python", o, c)),
+    own: (s: string, c: number) => ratio(rps(s, 90, c), rps(s, 0, c)),
+    limit: (r: string, o: number) => ratio(rps(r, o), rps(`${r}-trivial`, 0)),
+    startup: (s: string) => ratio(get("startup/python"), get(`startup/${s}`)),
+    /** (The trivial server's peak RSS + 10 MiB) ÷ ours, the pool handed out. */
+    rss: (r: string) => ratio((full(`${r}-trivial`) ?? NaN) + 10240, full(r)),
+  };
 }
+type Figures = ReturnType<typeof figures>;
+type Part = [string, number?];
 
-/** Met when every figure is at least `goal`; unknown when one is missing. */
-function judge(
-  text: string,
-  parts: [string, number | undefined][],
-  goal: number,
-): Target {
-  const measured = parts.map(([name, v]) => `${name} ${times(v)}`).join(", ");
-  const met = parts.some(([, v]) => v === undefined)
-    ? undefined
-    : parts.every(([, v]) => v! >= goal);
-  return { text, measured, met };
-}
-
-export function targets(results: Results): Target[] {
-  const f = new Figures(results);
-  const out: Target[] = [];
+/** The internal targets: each met when every figure is at least its goal. */
+function targets(f: Figures): string[] {
+  const out: string[] = [];
+  type Target = keyof typeof TARGETS;
+  const judge = (target: Target, goal: number, parts: Part[], more = "") => {
+    const measured = parts.map(([name, v]) => `${name} ${times(v)}`).join(", ");
+    const verdict = parts.some(([, v]) => v === undefined || isNaN(v))
+      ? "NOT MEASURED"
+      : parts.every(([, v]) => v! >= goal)
+      ? "MET"
+      : "NOT MET";
+    out.push(`- **${verdict}**: ${TARGETS[target]}: ${measured}${more}.`);
+  };
+  const each = (fn: (r: string, x: number) => number | undefined, c = false) =>
+    Object.entries(RUNTIMES).flatMap(([r, name]) =>
+      (c ? CONCURRENCIES : OCCUPANCIES).map((x): Part => {
+        const unit = !c ? " %" : x > 1 ? " clients" : " client";
+        return [`${name} ${x}${unit}`, fn(r, x)];
+      })
+    );
   if (f.has("pick")) {
-    const python = f.get(pickKey("python"));
-    out.push(judge(
-      "Picking at least 2× Python's rate on Deno and Bun",
-      [
-        ["Deno", ratio(f.get(pickKey("deno")), python)],
-        ["Bun", ratio(f.get(pickKey("bun")), python)],
-      ],
-      2,
-    ));
+    judge("pick", 2, [["Deno", f.pick("deno")], ["Bun", f.pick("bun")]]);
   }
   if (f.has("server")) {
-    out.push(judge(
-      "Server at least 5× Python's requests per second at 16 clients (every occupancy, Deno and Bun)",
-      SERVERS.filter((s) => s !== "python").flatMap((s) =>
-        OCCUPANCIES.map((o): [string, number | undefined] => [
-          `${s === "deno" ? "Deno" : "Bun"} ${o} %`,
-          serverRatio(f, s, o, 16),
-        ])
-      ),
-      5,
-    ));
-    out.push(judge(
-      "Our server's rate at 90 % occupancy at least 0.8× its own rate at 0 %",
-      SERVERS.filter((s) => s !== "python").flatMap((s) =>
-        CONCURRENCIES.map((c): [string, number | undefined] => [
-          `${s === "deno" ? "Deno" : "Bun"} ${c} client${c > 1 ? "s" : ""}`,
-          ownRatio(f, s, c),
-        ])
-      ),
-      0.8,
-    ));
+    judge("python", 5, each((r, o) => f.python(r, o)));
+    judge("limit", 0.5, each(f.limit));
+    judge("own", 0.8, each(f.own, true));
   }
   if (f.has("startup")) {
-    const python = f.get(startupKey("python"));
-    const binary = f.get(startupKey("binary"));
-    const t = judge(
-      "Compiled binary's start-up at most half of Python's (Python ÷ binary ≥ 2)",
-      [["Python ÷ binary", ratio(python, binary)]],
-      2,
-    );
-    out.push({
-      ...t,
-      measured: `${t.measured} (binary ${fixed(binary, 1)} ms, Python ${
-        fixed(python, 1)
-      } ms)`,
-    });
+    const [binary, python] = ["binary", "python"]
+      .map((s) => fixed(f.get(`startup/${s}`), 1));
+    const ms = ` (binary ${binary} ms, Python ${python} ms)`;
+    judge("startup", 2, [["Python ÷ binary", f.startup("binary")]], ms);
+  }
+  if (f.has("memory")) {
+    judge("memory", 1, [["Deno", f.rss("deno")], ["Bun", f.rss("bun")]]);
   }
   return out;
 }
 
 /** The chart's bars: every ratio turned so that above 1× means ours is better. */
 export function bars(results: Results): Bar[] {
-  const f = new Figures(results);
+  const f = figures(results);
   const out: Bar[] = [];
+  const bar = (label: string, value?: number, target?: number) =>
+    out.push({ label, value, target });
+  const runtimes = Object.entries(RUNTIMES);
   if (f.has("pick")) {
-    const python = f.get(pickKey("python"));
-    for (
-      const [picker, name] of [["deno", "Deno"], ["bun", "Bun"], [
-        "node",
-        "Node",
-      ]] as const
-    ) {
-      out.push({
-        label: `Picking rate: ${name} ÷ Python`,
-        value: ratio(f.get(pickKey(picker)), python),
-        target: picker === "node" ? undefined : 2,
-      });
+    bar("Picking rate: Deno ÷ Python", f.pick("deno"), 2);
+    bar("Picking rate: Bun ÷ Python", f.pick("bun"), 2);
+    bar("Picking rate: Node ÷ Python", f.pick("node"));
+    bar("Picking: Deno without --unstable-net ÷ Python", f.pick("deno-stable"));
+  }
+  const { ours, python } = results.exhaustion;
+  // A capped run (--tiny) says nothing about the ratio.
+  if (f.has("exhaust") && ours?.exhausted && python?.exhausted) {
+    bar("Ports before failure: ours ÷ Python", ours.distinct / python.distinct);
+  }
+  for (const o of f.has("server") ? OCCUPANCIES : []) {
+    for (const [r, name] of runtimes) {
+      const label = `Server, 16 clients, ${o} % held: ${name} ÷ Python`;
+      bar(label, f.python(r, o), 5);
+      bar(`Same, ${name} ÷ trivial reply server`, f.limit(r, o), 0.5);
     }
   }
-  if (f.has("exhaust")) {
-    const { ours, python } = results.exhaustion;
-    // A capped run (--tiny) says nothing about the ratio.
-    if (ours?.exhausted && python?.exhausted) {
-      out.push({
-        label: "Ports before failure: ours ÷ Python",
-        value: ratio(ours.distinct, python.distinct),
-      });
-    }
-  }
-  if (f.has("server")) {
-    for (const occupancy of OCCUPANCIES) {
-      for (
-        const [server, name] of [["deno", "Deno"], ["bun", "Bun"]] as const
-      ) {
-        out.push({
-          label: `Server, 16 clients, ${occupancy} % held: ${name} ÷ Python`,
-          value: serverRatio(f, server, occupancy, 16),
-          target: 5,
-        });
-      }
-    }
-    for (const [server, name] of [["deno", "Deno"], ["bun", "Bun"]] as const) {
-      out.push({
-        label: `Server, 16 clients, ${name}: own 90 % ÷ 0 % held`,
-        value: ownRatio(f, server, 16),
-        target: 0.8,
-      });
-    }
+  for (const [r, name] of f.has("server") ? runtimes : []) {
+    bar(`Server, 16 clients, ${name}: own 90 % ÷ 0 % held`, f.own(r, 16), 0.8);
   }
   if (f.has("startup")) {
-    const python = f.get(startupKey("python"));
-    for (
-      const [command, name] of [
-        ["deno", "Deno"],
-        ["bun", "Bun"],
-        ["node", "Node"],
-        ["binary", "compiled binary"],
-      ] as const
-    ) {
-      out.push({
-        label: `Start-up: Python ÷ ${name}`,
-        value: ratio(python, f.get(startupKey(command))),
-        target: command === "binary" ? 2 : undefined,
-      });
+    for (const [s, name] of [...runtimes, ["node", "Node"]]) {
+      bar(`Start-up: Python ÷ ${name}`, f.startup(s));
     }
+    bar("Start-up: Python ÷ compiled binary", f.startup("binary"), 2);
   }
-  if (f.has("memory")) {
-    const python = f.get(memoryKey("python", "full"));
-    for (const [server, name] of [["deno", "Deno"], ["bun", "Bun"]] as const) {
-      out.push({
-        label: `Peak RSS, pool handed out: Python ÷ ${name}`,
-        value: ratio(python, f.get(memoryKey(server, "full"))),
-      });
-    }
+  for (const [r, name] of f.has("memory") ? runtimes : []) {
+    const python = ratio(f.full("python"), f.full(r));
+    bar(`Peak RSS, pool handed out: Python ÷ ${name}`, python);
+    bar(`Same, (trivial + 10 MiB) ÷ ${name}`, f.rss(r), 1);
   }
   return out;
 }
 
-function pickSection(f: Figures): string {
-  const { reps, picks } = f.results.sizes;
-  const python = f.get(pickKey("python"));
-  const getport = f.get(pickKey("getport"));
-  const rows = PICKERS.map((picker) => {
-    const rate = f.get(pickKey(picker));
-    const checks = f.get(checkKey(picker));
-    const ours = picker === "deno" || picker === "bun" || picker === "node";
+/** Each section's paragraphs and tables. */
+const TEXT: Record<Section, (results: Results, f: Figures) => string[]> = {
+  pick({ sizes: { picks: n } }, f) {
+    const rows = Object.entries(PICKERS).map(([p, name]) => {
+      const [rate, checks] = [f.get(`pick/${p}`), f.get(`check/${p}`)];
+      const ours = (v?: number) => /python|getport/.test(p) ? NONE : times(v);
+      const getport = ratio(rate, f.get("pick/getport"));
+      const ceiling = ours(ratio(checks, f.get("pick/python")));
+      const cells = [thousands(rate), ours(f.pick(p)), ours(getport)];
+      return [f.name(name, `pick/${p}`), ...cells, thousands(checks), ceiling];
+    });
     return [
-      PICKER_NAMES[picker] + f.count(pickKey(picker), reps),
-      rate === undefined ? NONE : thousands(rate),
-      ours ? times(ratio(rate, python)) : NONE,
-      ours ? times(ratio(rate, getport)) : NONE,
-      checks === undefined ? NONE : thousands(checks),
-      ours ? times(ratio(checks, python)) : NONE,
-    ];
-  });
-  return [
-    HEADERS.pick,
-    "",
-    `Ports per second, no port server: ${picks} picks in one process after 20 warm-up picks, the process timing itself (start-up excluded). Ratios: ours ÷ theirs, above 1 means ours picks faster.`,
-    "",
-    `Checks per second: the same process then checks one free port ${picks} times (\`isPortFree\`, Python's \`is_port_free\`). Every pick needs at least one check, since a port is free only when it binds on both TCP and UDP, so a runtime's check rate is the most its picker could reach; the last column is that ceiling ÷ Python's picking rate. Ours binds once a protocol where the host is dual-stack, Python once a protocol and family.`,
-    "",
-    table([
-      "picker",
-      "ports/s",
-      "ours ÷ Python",
-      "ours ÷ get-port",
-      "checks/s",
-      "checks ÷ Python's ports/s",
-    ], rows),
-  ].join("\n");
-}
-
-function exhaustSection(f: Figures): string {
-  const { ours, python } = f.results.exhaustion;
-  const cap = f.results.sizes.exhaustCap;
-  const shown = (e: Exhaustion | undefined): string =>
-    e === undefined
-      ? NONE
-      : e.exhausted
-      ? thousands(e.distinct)
-      : `≥${thousands(e.distinct)}`;
-  const capped = !ours?.exhausted || !python?.exhausted;
-  return [
-    HEADERS.exhaust,
-    "",
-    `Distinct ports one process gets from the picker, no port server, before it throws \`NoFreePortFoundError\`; one run each.${
-      cap > 0
-        ? ` Stopped after ${cap} ports (--tiny): "≥" means it had not failed yet.`
-        : ""
-    }`,
-    "",
-    table(["picker", "distinct ports", "seconds"], [
-      [
-        "ours, `pickUnusedPort` on Deno",
-        shown(ours),
-        fixed(ours?.seconds, 1),
-      ],
-      [
-        "Python `portpicker.pick_unused_port`",
-        shown(python),
-        fixed(python?.seconds, 1),
-      ],
-      [
-        "ours ÷ Python",
-        capped ? NONE : times(ratio(ours?.distinct, python?.distinct)),
-        NONE,
-      ],
-    ]),
-  ].join("\n");
-}
-
-function serverSection(f: Figures): string {
-  const { reps, pool } = f.results.sizes;
-  const cells = OCCUPANCIES.flatMap((o) =>
-    CONCURRENCIES.map((c) => [o, c] as const)
-  );
-  const rps = table(
-    [
-      "held",
-      "clients",
-      "ours, Deno",
-      "ours, Bun",
-      "Python",
-      "Deno ÷ Python",
-      "Bun ÷ Python",
-    ],
-    cells.map(([o, c]) => [
-      `${o} %`,
-      String(c),
-      ...SERVERS.map((s) => {
-        const key = serverKey(s, o, c, "rps");
-        const value = f.get(key);
-        return value === undefined
-          ? NONE
-          : `${thousands(value)}${f.count(key, reps)}`;
-      }),
-      times(serverRatio(f, "deno", o, c)),
-      times(serverRatio(f, "bun", o, c)),
-    ]),
-  );
-  const latency = table(
-    ["held", "clients", "ours, Deno", "ours, Bun", "Python"],
-    cells.map(([o, c]) => [
-      `${o} %`,
-      String(c),
-      ...SERVERS.map((s) =>
-        `${fixed(f.get(serverKey(s, o, c, "p50")), 2)} / ${
-          fixed(f.get(serverKey(s, o, c, "p99")), 2)
-        }`
+      `Ports per second, no port server: ${n} picks in one process after 20 warm-up picks, the process timing itself (start-up excluded). Ratios: ours ÷ theirs, above 1 means ours picks faster. Ours runs as \`deno run -A --unstable-net\`, \`bun\` and \`node\`; the row without \`--unstable-net\` is what a JSR user gets with \`deno test --allow-net\` (here \`deno run --allow-net --allow-env --allow-read --no-config\`): the UDP half of each check goes through \`node:dgram\` instead of \`Deno.listenDatagram\`.`,
+      `Checks per second: the same process then checks one free port ${n} times (\`isPortFree\`, Python's \`is_port_free\`). Every pick needs at least one check, since a port is free only when it binds on both TCP and UDP, so a runtime's check rate is the most its picker could reach; the last column is that ceiling ÷ Python's picking rate. Ours binds once a protocol where the host is dual-stack, Python once a protocol and family.`,
+      table(
+        "picker | ports/s | ours ÷ Python | ours ÷ get-port | checks/s | checks ÷ Python's ports/s",
+        rows,
       ),
-    ]),
-  );
-  const cpu = table(
-    [
-      "held",
-      "clients",
-      "ours, Deno",
-      "ours, Bun",
-      "Python",
-      "Python ÷ Deno",
-      "Python ÷ Bun",
-    ],
-    cells.map(([o, c]) => {
-      const value = (s: ServerKind) => f.get(serverKey(s, o, c, "cpu"));
-      return [
-        `${o} %`,
-        String(c),
-        ...SERVERS.map((s) => fixed(value(s), 0)),
-        times(ratio(value("python"), value("deno"))),
-        times(ratio(value("python"), value("bun"))),
-      ];
-    }),
-  );
-  const own = table(
-    ["server", "1 client", "16 clients"],
-    SERVERS.map((s) => [
-      SERVER_NAMES[s],
-      times(ownRatio(f, s, 1)),
-      times(ownRatio(f, s, 16)),
-    ]),
-  );
-  return [
-    HEADERS.server,
-    "",
-    `Each cell: a fresh server with a pool of ${thousands(pool)} ports (${
-      poolText(f.results.pools.server)
-    }); two live processes A and B fill the whole pool, A taking the held share, interleaved with B's ports through the rotation (request i goes to A when i mod 10 < held ÷ 10); B is killed, so its ports are reclaimable while A's are not; then the load client (the same Node client for every server, one connection per request) asks for ${
-      thousands(measuredRequests(pool))
-    } ports (B's share at ${
-      Math.max(...OCCUPANCIES)
-    } % held, the same in every cell) for a third live process at 1 or 16 concurrent clients, after 100 untimed requests for pid 1, which every server refuses without touching its pool.`,
-    "",
-    "Requests per second (ours ÷ Python: above 1 means ours serves faster):",
-    "",
-    rps,
-    "",
-    "Latency, p50 / p99, in milliseconds:",
-    "",
-    latency,
-    "",
-    `The server's CPU time (user and system, from /proc) per request, in µs: the server's own cost, whatever the load client's. Python ÷ ours: above 1 means ours costs less. (/proc counts in clock ticks of ${
-      1000 / f.results.machine.clockTicks
-    } ms: a few ticks per run make a rough figure.)`,
-    "",
-    cpu,
-    "",
-    "Each server's rate at 90 % held ÷ its own rate at 0 % (1 means the held ports cost nothing):",
-    "",
-    own,
-  ].join("\n");
-}
-
-function startupSection(f: Figures): string {
-  const reps = f.results.sizes.startupReps;
-  const python = f.get(startupKey("python"));
-  return [
-    HEADERS.startup,
-    "",
-    `Wall time from spawn to exit of a command that prints one port, no port server, median of ${reps} runs after one untimed run. Python ÷ ours: above 1 means ours starts faster.`,
-    "",
-    table(
-      ["command", "ms", "Python ÷ ours"],
-      STARTUPS.map((s) => [
-        STARTUP_NAMES[s] + f.count(startupKey(s), reps),
-        fixed(f.get(startupKey(s)), 1),
-        s === "python" ? NONE : times(ratio(python, f.get(startupKey(s)))),
+    ];
+  },
+  exhaust({ exhaustion: { ours, python }, sizes: { exhaustCap: cap } }) {
+    const row = (name: string, e?: Exhaustion) => {
+      const distinct = `${e?.exhausted ? "" : "≥"}${thousands(e?.distinct)}`;
+      return [name, e ? distinct : NONE, fixed(e?.seconds, 1)];
+    };
+    const both = ours?.exhausted && python?.exhausted;
+    const ratio = times(both ? ours.distinct / python.distinct : undefined);
+    const capped = !cap
+      ? ""
+      : ` Stopped after ${cap} ports (--tiny): "≥" means it had not failed yet.`;
+    return [
+      `Distinct ports one process gets from the picker, no port server, before it throws \`NoFreePortFoundError\`; one run each.${capped}`,
+      table("picker | distinct ports | seconds", [
+        row(PICKERS.deno, ours),
+        row(PICKERS.python, python),
+        ["ours ÷ Python", ratio, NONE],
       ]),
-    ),
-  ].join("\n");
-}
+    ];
+  },
+  server({ sizes, pools, clockTicks }, f) {
+    const pool = thousands(sizes.pool);
+    const timed = thousands(timedRequests(sizes.pool));
+    const [ranges, tick] = [poolText(pools.server), 1000 / clockTicks];
+    const cells = OCCUPANCIES.flatMap((o) => CONCURRENCIES.map((c) => [o, c]));
+    const [servers, runtimes] = [Object.keys(SERVERS), Object.keys(RUNTIMES)];
+    const rows = (cell: (o: number, c: number) => string[]) =>
+      cells.map(([o, c]) => [`${o} %`, String(c), ...cell(o, c)]);
+    const head = "held | clients | ours, Deno | ours, Bun | Python";
+    const count = (s: string, o: number, c: number) =>
+      f.name(thousands(f.server(s, o, c)), `server/${s}/${o}/${c}/rps`);
+    const rps = rows((o, c) => [
+      ...servers.map((s) => count(s, o, c)),
+      ...runtimes.map((r) => times(f.python(r, o, c))),
+    ]);
+    const limits = Object.entries(RUNTIMES).map(([r, name]) => {
+      const key = `server/${r}-trivial/0/16`;
+      const [rps, cpu] = [f.get(`${key}/rps`), f.get(`${key}/cpu`)];
+      const busy = fixed((rps ?? NaN) * (cpu ?? NaN) / 1e4, 0);
+      const ours = OCCUPANCIES.map((o) => times(f.limit(r, o)));
+      return [f.name(name, `${key}/rps`), thousands(rps), busy, ...ours];
+    });
+    const ms = (s: string, o: number, c: number, what: string) =>
+      fixed(f.server(s, o, c, what), 2);
+    const latency = rows((o, c) =>
+      servers.map((s) => `${ms(s, o, c, "p50")} / ${ms(s, o, c, "p99")}`)
+    );
+    const cpu = (s: string, o: number, c: number) => f.server(s, o, c, "cpu");
+    const costs = rows((o, c) => [
+      ...servers.map((s) => fixed(cpu(s, o, c), 0)),
+      ...runtimes.map((r) => times(ratio(cpu("python", o, c), cpu(r, o, c)))),
+    ]);
+    const own = Object.entries(SERVERS)
+      .map(([s, name]) => [name, times(f.own(s, 1)), times(f.own(s, 16))]);
+    return [
+      `Each cell: a fresh server with a pool of ${pool} ports (${ranges}); two live processes A and B fill the whole pool, A taking the held share, interleaved with B's ports through the rotation (request i goes to A when i mod 10 < held ÷ 10); B is killed, so its ports are reclaimable while A's are not; then the load client asks for ${timed} ports (B's share at 90 % held, the same in every cell) for a third live process at 1 or 16 concurrent clients, after 100 untimed requests for pid 1, which every server refuses without touching its pool. The load client, the same for every server, is \`bench/load.c\`, compiled with gcc when the bench starts: one thread a client, one connection a request (the pid and a newline, then the reply read to its end).`,
+      "Requests per second (ours ÷ Python: above 1 means ours serves faster):",
+      table(`${head} | Deno ÷ Python | Bun ÷ Python`, rps),
+      "The runtime's own limit: a trivial reply server (`bench/trivial.ts`: it reads a line and replies `15000\\n` through `Deno.listen` or `Bun.listen`, on the same kind of socket, an abstract Unix socket, and imports nothing), fresh in each run and timed as the cells above at 16 clients. Ours ÷ trivial: 1 would mean that a port costs nothing over the runtime's own round trip.",
+      "That rate is also the load client's own rate, the most it can measure: every rate of ours below it was not held back by the client. The trivial server's CPU time over those requests ÷ their wall time (100 %: one core busy) shows whether the server, not the client, set the pace.",
+      table(
+        "runtime | trivial server, requests/s | its CPU, % | ours ÷ trivial, 0 % held | 50 % held | 90 % held",
+        limits,
+      ),
+      "Latency, p50 / p99, in milliseconds:",
+      table(head, latency),
+      `The server's CPU time (user and system, from /proc) per request, in µs: the server's own cost, whatever the load client's. Python ÷ ours: above 1 means ours costs less. (/proc counts in clock ticks of ${tick} ms: a few ticks per run make a rough figure.)`,
+      table(`${head} | Python ÷ Deno | Python ÷ Bun`, costs),
+      "Each server's rate at 90 % held ÷ its own rate at 0 % (1 means the held ports cost nothing):",
+      table("server | 1 client | 16 clients", own),
+    ];
+  },
+  startup({ sizes: { startupReps: reps } }, f) {
+    const rows = Object.entries(STARTUPS).map(([s, name]) => [
+      f.name(name, `startup/${s}`, reps),
+      fixed(f.get(`startup/${s}`), 1),
+      s === "python" ? NONE : times(f.startup(s)),
+    ]);
+    return [
+      `Wall time from spawn to exit of a command that prints one port, no port server, median of ${reps} runs after one untimed run. Python ÷ ours: above 1 means ours starts faster.`,
+      table("command | ms | Python ÷ ours", rows),
+    ];
+  },
+  memory({ sizes, pools }, f) {
+    const [n, ranges] = [thousands(sizes.memoryPool), poolText(pools.memory)];
+    const rows = Object.entries(MEMORY).map(([m, name]) => {
+      const [start, full] = [f.get(`memory/${m}/start`), f.full(m)];
+      const empty = f.get(`memory/${m.replace(/-.*/, "")}-empty/start`) ?? NaN;
+      const python = m in RUNTIMES ? ratio(full, f.full("python")) : undefined;
+      const over = m === "python" ? NONE : mib((full ?? NaN) - empty);
+      const name_ = f.name(name, `memory/${m}/start`);
+      return [name_, mib(start), mib(full), over, times(python)];
+    });
+    return [
+      `Peak resident set size (VmHWM) of each server with a pool of ${n} ports (${ranges}): once it serves, and after it has handed out every port of the pool to a live process (${n} replies, for the trivial reply server); and the runtime's empty baseline: the same runtime, with the same flags, running a script that only prints a line and waits. Over the empty runtime: the peak RSS with the pool handed out − the empty runtime's. Ours ÷ Python: below 1 means ours uses less memory.`,
+      table(
+        "process | after start, MiB | pool handed out, MiB | over the empty runtime, MiB | ours ÷ Python",
+        rows,
+      ),
+    ];
+  },
+};
 
-function memorySection(f: Figures): string {
-  const { reps, memoryPool } = f.results.sizes;
-  const mib = (kib: number | undefined) =>
-    kib === undefined ? NONE : (kib / 1024).toFixed(1);
-  const python = f.get(memoryKey("python", "full"));
-  return [
-    HEADERS.memory,
-    "",
-    `Peak resident set size (VmHWM) of a port server with a pool of ${
-      thousands(memoryPool)
-    } ports (${
-      poolText(f.results.pools.memory)
-    }): once it serves, and after it has handed out every port of the pool to a live process. Ours ÷ Python: below 1 means ours uses less memory.`,
-    "",
-    table(
-      ["server", "after start, MiB", "pool handed out, MiB", "ours ÷ Python"],
-      SERVERS.map((s) => [
-        SERVER_NAMES[s] + f.count(memoryKey(s, "full"), reps),
-        mib(f.get(memoryKey(s, "start"))),
-        mib(f.get(memoryKey(s, "full"))),
-        s === "python"
-          ? NONE
-          : times(ratio(f.get(memoryKey(s, "full")), python)),
-      ]),
-    ),
-  ].join("\n");
+/** A pool for the report: its ranges, unless there are too many to read. */
+function poolText(spec = ""): string {
+  const ranges = spec.split(",");
+  const [first, last] = [ranges[0].split("-")[0], ranges.at(-1)!.split("-")[1]];
+  if (ranges.length <= 3) return spec ? `\`${spec}\`` : "none";
+  return `${ranges.length} ranges from ${first} to ${last}`;
 }
 
 /** The whole report, as markdown. */
 export function renderMarkdown(results: Results): string {
-  const f = new Figures(results);
-  const m = results.machine;
-  const load = (l: number[]) => l.map((v) => v.toFixed(2)).join(" ");
-  const parts: string[] = [
-    "# Benchmark",
-    "",
-    `Run on ${m.date} with \`${results.command}\`, in ${
-      results.wallSeconds.toFixed(0)
-    } s. Machine: **${m.cores} cores** (\`nproc\`), ${m.cpu}; load average ${
-      load(m.loadBefore)
-    } before, ${load(m.loadAfter)} after. Commit ${m.commit}.`,
-    "",
-    `Versions: ${m.versions.map(([k, v]) => `${k} ${v}`).join(", ")}.`,
-    "",
-    `Every figure is the median of ${results.sizes.reps} repetition${
-      results.sizes.reps === 1 ? "" : "s"
-    }, each in a fresh process, unless a section says otherwise.`,
+  const { machine: m, load: [before, after], sizes: { reps } } = results;
+  const [seconds, s] = [results.wallSeconds.toFixed(0), reps === 1 ? "" : "s"];
+  const f = figures(results);
+  const list = targets(f);
+  const code = (text: string) =>
+    "`" + text.replace(/\s+/g, " ").replaceAll("`", "'").trim() + "`";
+  const times = (n: number) => n > 1 ? ` (in ${n} runs)` : "";
+  const notes = [
+    ...results.errors.map((e) => `- Failed: ${code(e)}`),
+    ...[...results.notes].map(([text, n]) => `- ${text}${times(n)}`),
   ];
-  const sections: Record<Section, (f: Figures) => string> = {
-    pick: pickSection,
-    exhaust: exhaustSection,
-    server: serverSection,
-    startup: startupSection,
-    memory: memorySection,
-  };
-  for (const section of SECTIONS) {
-    if (f.has(section)) parts.push("", sections[section](f));
-  }
-  parts.push(
-    "",
+  return [
+    "# Benchmark",
+    `Run on ${m.date} with \`${results.command}\`, in ${seconds} s. Machine: **${m.cores} cores** (\`nproc\`), ${m.cpu}; load average ${before} before, ${after} after. Commit ${m.commit}.`,
+    `Versions: ${m.versions}.`,
+    `Every figure is the median of ${reps} repetition${s}, each in a fresh process, unless a section says otherwise.`,
+    ...results.sections.flatMap((x) => [HEADERS[x], ...TEXT[x](results, f)]),
     TARGETS_HEADER,
-    "",
-    `On this machine's ${m.cores} cores:`,
-    "",
-  );
-  const list = targets(results);
-  if (list.length === 0) parts.push("- No target was measured in this run.");
-  for (const t of list) {
-    const verdict = t.met === undefined
-      ? "**NOT MEASURED**"
-      : t.met
-      ? "**MET**"
-      : "**NOT MET**";
-    parts.push(`- ${verdict}: ${t.text}: ${t.measured}.`);
-  }
-  if (results.errors.length > 0 || results.notes.size > 0) {
-    parts.push("", "## Notes", "");
-    for (const e of results.errors) parts.push(`- Failed: ${code(e)}`);
-    for (const [text, count] of results.notes) {
-      parts.push(`- ${text}${count > 1 ? ` (in ${count} runs)` : ""}`);
-    }
-  }
-  return parts.join("\n") + "\n";
+    `On this machine's ${m.cores} cores; ratios against Python, get-port and the runtime's own limit (the trivial reply server):`,
+    list.length ? list.join("\n") : "- No target was measured in this run.",
+    ...notes.length ? ["## Notes", notes.join("\n")] : [],
+  ].join("\n\n") + "\n";
 }

@@ -1,842 +1,498 @@
 /**
  * The bench: picking, exhaustion, the port server, start-up and memory, ours
- * against Debian's python3-portpicker (and get-port for picking), all in one
- * run on one machine. Writes DIR/results.md (the tables, the targets, the
- * machine) and DIR/chart.svg, and prints the markdown.
+ * against Debian's python3-portpicker, get-port and the runtime's own limit
+ * (a trivial reply server), all in one run on one machine. Writes
+ * DIR/results.md and DIR/chart.svg, and prints the markdown.
  *
  * Usage: deno task bench
  *        deno run -A bench/run.ts [--tiny] [--out DIR] [--only a,b]
  *
  *   --tiny      tiny sizes, one repetition: checks that the bench runs
  *   --out DIR   where to write results.md and chart.svg (default: bench/)
- *   --only a,b  run only these sections: pick, exhaust, server, startup,
- *               memory
+ *   --only a,b  only these sections: pick, exhaust, server, startup, memory
  *
- * Written with node: APIs only, so it also runs on Bun and Node. Exits 1 when
- * a figure could not be measured (the files are written all the same).
+ * Written with node: APIs, so it also runs on Bun and Node; uses only the
+ * library's public API and its CLI. Exits 1 when a figure could not be
+ * measured (the files are written all the same).
  */
 
-import {
-  existsSync,
-  mkdirSync,
-  mkdtempSync,
-  readFileSync,
-  rmSync,
-  writeFileSync,
-} from "node:fs";
+import { type ChildProcess, execFile, spawn } from "node:child_process";
+import * as fs from "node:fs";
 import os from "node:os";
-import { join, resolve } from "node:path";
+import { dirname, join, resolve } from "node:path";
 import process from "node:process";
+import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 import { DEFAULT_RANGE, isPortFree } from "../mod.ts";
-import { COMPILE_ARGS } from "../tests/helpers.ts";
 import { renderChart } from "./chart.ts";
-import type { LoadResult } from "./load.ts";
-import {
-  type Background,
-  cpuTicks,
-  killAll,
-  lastLines,
-  peakRssKiB,
-  PYTHON,
-  PYTHON_PORTSERVER,
-  ROOT,
-  run,
-  runJson,
-  sleep,
-  startBackground,
-  startSleeper,
-  tool,
-  waitForLog,
-} from "./proc.ts";
-import {
-  bars,
-  checkKey,
-  CONCURRENCIES,
-  type Exhaustion,
-  type Machine,
-  measuredRequests,
-  memoryKey,
-  OCCUPANCIES,
-  type Picker,
-  PICKERS,
-  pickKey,
-  renderMarkdown,
-  type Results,
-  type Section,
-  SECTIONS,
-  serverKey,
-  type ServerKind,
-  SERVERS,
-  type Sizes,
-  type Startup,
-  startupKey,
-  STARTUPS,
-} from "./report.ts";
+import * as report from "./report.ts";
+import { KINDS } from "./report.ts";
+import type { Results, Section } from "./report.ts";
 
-const FULL: Sizes = {
-  reps: 5,
-  picks: 2000,
-  exhaustCap: 0,
-  pool: 10_000,
-  startupReps: 10,
-  memoryPool: 10_000,
-};
-const TINY: Sizes = {
-  reps: 1,
-  picks: 50,
-  exhaustCap: 300,
-  pool: 200,
-  startupReps: 2,
-  memoryPool: 500,
-};
+const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..");
+const { values } = parseArgs({
+  options: {
+    tiny: { type: "boolean", default: false },
+    out: { type: "string", default: join(ROOT, "bench") },
+    only: { type: "string", default: report.SECTIONS.join(",") },
+  },
+});
+const [reps, picks, exhaustCap, pool, memoryPool, startupReps] = values.tiny
+  ? [1, 50, 300, 200, 500, 2]
+  : [5, 2000, 0, 10_000, 10_000, 10];
+const only = values.only.split(",");
+const sizes = { reps, picks, exhaustCap, pool, memoryPool, startupReps };
+/** Untimed requests before each timed run: client and server code are warm. */
+const WARM_UP = 100;
+/** Pinned in node_modules/.bin, else on PATH; python3 is Debian's. */
+const TOOLS: Record<string, string> = { python3: "/usr/bin/python3" };
+for (const name of ["deno", "bun", "node"]) {
+  const local = join(ROOT, "node_modules", ".bin", name);
+  TOOLS[name] = fs.existsSync(local) ? local : name;
+}
+/** A command line from words; the first names a tool. */
+const sh = (line: string) => line.split(" ").map((w) => TOOLS[w] ?? w);
+const DENO_PICK = "deno run -A --unstable-net --no-config bench/pick.ts";
+/** What a JSR user gets with `deno test --allow-net`: no `--unstable-net`. */
+const DENO_STABLE = "deno run --allow-net --allow-env --allow-read --no-config";
+const tmp = fs.mkdtempSync(join(os.tmpdir(), "portpicker-bench-"));
+const LOAD = join(tmp, "load");
 
-/**
- * Where the servers' pools start. Pools lie below the pickers' default range
- * (15000-24999, which every picker on the host uses), the tests' ranges
- * (25000-32767) and the kernel's ephemeral ports (which the servers warn
- * about), and leave out the ports in use when the section starts (Deno's
- * inspector on 9229, say).
- */
-const SERVER_POOL_FIRST = 5000;
-const MEMORY_POOL_FIRST = 1024;
-/** Concurrency of the pre-fill: its speed is not measured. */
-const FILL_CONCURRENCY = 16;
-/** Untimed requests before each timed load run (see load.ts). */
-const WARM_UP_REQUESTS = 100;
-/** Clock ticks per second of /proc's CPU times; set from `getconf CLK_TCK`. */
-let clockTicks = 100;
-
-const DENO = tool("deno");
-const BUN = tool("bun");
-const NODE = tool("node");
-const PICK = join(ROOT, "bench", "pick.ts");
-const EXHAUST = join(ROOT, "bench", "exhaust.ts");
-const GETPORT = join(ROOT, "bench", "getport.mjs");
-const LOAD = join(ROOT, "bench", "load.ts");
-
-/** pick.ts's loop, for Python's pick_unused_port. */
+/** pick.ts's loops, for Python's portpicker: `pick N` or `exhaust CAP`. */
 const PYTHON_PICK = `
-import json, sys, time, portpicker
-n = int(sys.argv[1])
-for _ in range(20):
-    portpicker.pick_unused_port()
-began = time.perf_counter()
-for _ in range(n):
-    portpicker.pick_unused_port()
-rate = n / (time.perf_counter() - began)
-port = portpicker.pick_unused_port()
-for _ in range(20):
-    portpicker.is_port_free(port)
-began = time.perf_counter()
-for _ in range(n):
-    if not portpicker.is_port_free(port):
-        raise SystemExit("port %d was taken" % port)
-print(json.dumps({"rate": rate, "checkRate": n / (time.perf_counter() - began)}))
-`;
-
-/** exhaust.ts's loop, for Python's pick_unused_port. */
-const PYTHON_EXHAUST = `
-import json, sys, time, portpicker
-cap = int(sys.argv[1])
-ports = set()
-exhausted = False
-began = time.perf_counter()
-while cap == 0 or len(ports) < cap:
+import json, sys, time, portpicker as p
+mode, n = sys.argv[1], int(sys.argv[2])
+def rate(f):
+    for _ in range(20): f()
+    began = time.perf_counter()
+    for _ in range(n): f()
+    return n / (time.perf_counter() - began)
+def check():
+    if not p.is_port_free(port): raise SystemExit("port %d was taken" % port)
+if mode == "pick":
+    picks = rate(p.pick_unused_port); port = p.pick_unused_port()
+    print(json.dumps({"rate": picks, "checkRate": rate(check)}))
+else:
+    ports, exhausted, began = set(), False, time.perf_counter()
     try:
-        ports.add(portpicker.pick_unused_port())
-    except portpicker.NoFreePortFoundError:
-        exhausted = True
-        break
-print(json.dumps({"distinct": len(ports), "exhausted": exhausted,
-                  "seconds": time.perf_counter() - began}))
+        while n == 0 or len(ports) < n: ports.add(p.pick_unused_port())
+    except p.NoFreePortFoundError: exhausted = True
+    print(json.dumps({"distinct": len(ports), "exhausted": exhausted,
+                      "seconds": time.perf_counter() - began}))
 `;
 
-type Runtime = "deno" | "bun" | "node";
+/** Each server's command, given its address and pool. */
+const IDLE = join(tmp, "idle.js");
+fs.writeFileSync(
+  IDLE,
+  `console.log("Serving on nothing"); setInterval(() => {}, 1e9);`,
+);
+const SERVE: Record<string, (address: string, pool: string) => string[]> = {
+  deno: (a, p) =>
+    sh(`deno run -A --unstable-net cli.ts serve --pool ${p} --address ${a}`),
+  bun: (a, p) => sh(`bun cli.ts serve --pool ${p} --address ${a}`),
+  python: (a, p) =>
+    sh(`python3 /usr/bin/portserver --portserver_address=${a}`)
+      .concat(`--portserver_static_pool=${p}`),
+  "deno-trivial": (a) => sh(`deno run -A --unstable-net bench/trivial.ts ${a}`),
+  "bun-trivial": (a) => sh(`bun bench/trivial.ts ${a}`),
+  "deno-empty": () => sh(`deno run -A --unstable-net ${IDLE}`),
+  "bun-empty": () => sh(`bun ${IDLE}`),
+};
 
-/** A TypeScript file of this repo run on `runtime`, as the library's users run it. */
-function tsCommand(runtime: Runtime, script: string): string[] {
-  if (runtime === "deno") {
-    return [DENO, "run", "-A", "--unstable-net", "--no-config", script];
-  }
-  return [runtime === "bun" ? BUN : NODE, script];
+const results: Results = {
+  sizes,
+  sections: report.SECTIONS.filter((s) => only.includes(s)),
+  samples: new Map(),
+  exhaustion: {},
+  pools: {},
+  machine: { cores: "", cpu: "", date: "", commit: "", versions: "" },
+  load: [],
+  clockTicks: 100,
+  errors: [],
+  notes: new Map(),
+  wallSeconds: 0,
+  command: ["bench/run.ts", ...process.argv.slice(2)].join(" "),
+};
+const log = (line: string) => process.stderr.write(`bench: ${line}\n`);
+const add = (key: string, value: number) =>
+  results.samples.set(key, [...results.samples.get(key) ?? [], value]);
+/** Something odd; the same note from several runs is counted once. */
+const note = (text: string) =>
+  results.notes.set(text, (results.notes.get(text) ?? 0) + 1);
+const lastLines = (text: string, count = 5) =>
+  text.trim().split("\n").slice(-count).join(" | ");
+
+// ---------------------------------------------------------------------------
+// Processes: every child is tracked, so that none outlives the bench.
+
+/** No child may ask a port server the bench did not start. */
+const env = { ...process.env };
+delete env.PORTSERVER_ADDRESS;
+const live = new Set<ChildProcess>();
+const track = (child: ChildProcess) => {
+  live.add(child);
+  child.on("exit", () => live.delete(child));
+  return child;
+};
+
+/** Runs a command to its end; its wall time from spawn to exit, in ms. */
+type Ran = { code: number; stdout: string; stderr: string; wallMs: number };
+function run(command: string[], timeout = 600_000, cwd = ROOT): Promise<Ran> {
+  const [began, [file, ...args]] = [performance.now(), command];
+  const options = { cwd, env, timeout, killSignal: 9, maxBuffer: 1e9 };
+  return new Promise((resolve) => {
+    track(execFile(file, args, options, (error, stdout, stderr) => {
+      const code = error ? Number(error.code) || -1 : 0;
+      resolve({ code, stdout, stderr, wallMs: performance.now() - began });
+    }));
+  });
 }
 
-/** The state of one run, shared by the sections. */
-interface Context {
-  sizes: Sizes;
-  results: Results;
-  /** A temporary folder for logs and the compiled binary. */
-  tmp: string;
-}
-
-function log(line: string): void {
-  process.stderr.write(`bench: ${line}\n`);
-}
-
-function clients(count: number): string {
-  return `${count} client${count === 1 ? "" : "s"}`;
-}
-
-/** Notes something odd; the same note from several runs is counted once. */
-function note(ctx: Context, text: string): void {
-  const notes = ctx.results.notes;
-  notes.set(text, (notes.get(text) ?? 0) + 1);
-}
-
-function add(ctx: Context, key: string, value: number): void {
-  const values = ctx.results.samples.get(key) ?? [];
-  values.push(value);
-  ctx.results.samples.set(key, values);
+/** Runs a command that prints a JSON object last; throws unless it exits 0. */
+async function runJson<T>(command: string[]): Promise<T> {
+  const r = await run(command);
+  try {
+    if (r.code === 0) return JSON.parse(r.stdout.trim().split("\n").at(-1)!);
+  } catch { /* thrown below */ }
+  const how = `${command.join(" ").slice(0, 200)} exited ${r.code}`;
+  throw new Error(`${how}: ${lastLines(r.stderr + r.stdout)}`);
 }
 
 /**
- * Runs one measurement; a failure is recorded and the bench goes on, so that
- * one broken peer does not cost the other figures.
+ * Starts a background process, its output to `logFile`, not through a pipe:
+ * a server that logs each request must not cost the bench CPU time while it
+ * is measured. `stop` kills it and waits until it is reaped.
  */
-async function attempt(
-  ctx: Context,
-  what: string,
-  measure: () => Promise<void>,
-): Promise<void> {
+function background(command: string[], logFile = "/dev/null") {
+  const [fd, [file, ...args]] = [fs.openSync(logFile, "a"), command];
+  const stdio: ("ignore" | number)[] = ["ignore", fd, fd];
+  const child = track(spawn(file, args, { cwd: ROOT, env, stdio }));
+  fs.closeSync(fd);
+  let exited = false;
+  const gone = new Promise((done) => child.on("exit", done).on("error", done));
+  gone.then(() => exited = true);
+  const stop = () => (exited || child.kill("SIGKILL"), gone);
+  return { pid: child.pid ?? 0, stop, exited: () => exited };
+}
+/** A live process to hold ports for. */
+const sleeper = () => background(["sleep", "600"]);
+
+/** The peak resident set size of a live process (VmHWM), in KiB. */
+function peakRssKiB(pid: number): number {
+  const status = fs.readFileSync(`/proc/${pid}/status`, "utf8");
+  return Number(/^VmHWM:\s+(\d+) kB$/m.exec(status)?.[1] ?? NaN);
+}
+
+// ---------------------------------------------------------------------------
+// Measurements.
+
+/** Runs one measurement; a failure is recorded and the bench goes on. */
+async function attempt(what: string, measure: () => Promise<unknown>) {
   try {
     await measure();
   } catch (error) {
     const message = (error as Error).message ?? String(error);
-    ctx.results.errors.push(`${what}: ${message}`);
+    results.errors.push(`${what}: ${message}`);
     log(`FAILED ${what}: ${message}`);
   }
 }
 
-// ---------------------------------------------------------------------------
-// 1. Picking without a server.
-
-async function benchPick(ctx: Context): Promise<void> {
-  const n = String(ctx.sizes.picks);
-  const commands: Record<Picker, string[]> = {
-    deno: [...tsCommand("deno", PICK), n],
-    bun: [...tsCommand("bun", PICK), n],
-    node: [...tsCommand("node", PICK), n],
-    python: [PYTHON, "-c", PYTHON_PICK, n],
-    getport: [NODE, GETPORT, n],
-  };
-  // The pickers take turns in each repetition, so that a busy moment of the
-  // machine does not fall on one of them only.
-  for (let rep = 0; rep < ctx.sizes.reps; rep++) {
-    for (const picker of PICKERS) {
-      await attempt(ctx, `picking, ${picker}, run ${rep + 1}`, async () => {
-        const { rate, checkRate } = await runJson<
-          { rate: number; checkRate?: number }
-        >(commands[picker]);
-        add(ctx, pickKey(picker), rate);
-        if (checkRate !== undefined) add(ctx, checkKey(picker), checkRate);
-      });
+type Measure = (kind: string) => Promise<unknown>;
+/**
+ * `reps` runs of each kind in turn, so that a busy moment of the machine does
+ * not fall on one kind only.
+ */
+async function repeat(what: string, reps: number, kinds: string[], m: Measure) {
+  for (let rep = 1; rep <= reps; rep++) {
+    for (const kind of kinds) {
+      log(`${what}, ${kind}, run ${rep}`);
+      await attempt(`${what}, ${kind}, run ${rep}`, () => m(kind));
     }
   }
 }
 
-// ---------------------------------------------------------------------------
-// 2. Exhaustion.
-
-async function benchExhaust(ctx: Context): Promise<void> {
-  const cap = String(ctx.sizes.exhaustCap);
-  await attempt(ctx, "exhaustion, ours", async () => {
-    ctx.results.exhaustion.ours = await runJson<Exhaustion>([
-      ...tsCommand("deno", EXHAUST),
-      cap,
-    ]);
+/**
+ * A pool of `size` ports free now, from `from` up, as `--pool` takes it
+ * (`A-B,C-D`): below the pickers' default range (which every picker on the
+ * host uses), the tests' ranges and the kernel's ephemeral ports.
+ */
+async function freePool(key: "server" | "memory", size: number, from: number) {
+  await attempt(`${key}: a pool of ${size} free ports`, async () => {
+    const ranges: number[][] = [];
+    for (let port = from, found = 0; found < size; port++) {
+      if (port >= DEFAULT_RANGE[0]) throw new Error(`${found} free ports only`);
+      if (!(await isPortFree(port))) continue;
+      found++;
+      if (ranges.at(-1)?.[1] === port - 1) ranges.at(-1)![1] = port;
+      else ranges.push([port, port]);
+    }
+    results.pools[key] = ranges.map(([a, b]) => `${a}-${b}`).join(",");
   });
-  await attempt(ctx, "exhaustion, Python", async () => {
-    ctx.results.exhaustion.python = await runJson<Exhaustion>([
-      PYTHON,
-      "-c",
-      PYTHON_EXHAUST,
-      cap,
-    ]);
-  });
+  return results.pools[key];
 }
 
-// ---------------------------------------------------------------------------
-// 3. The port server.
-
+interface Server {
+  pid: number;
+  address: string;
+  /** Its kind, and the cell it serves (`deno/50/16`). */
+  name: string;
+  /** The last lines of its log, for an error message. */
+  log(): string;
+}
 let addresses = 0;
 
-/** An abstract socket name nobody else uses. */
-function uniqueAddress(): string {
-  return `@portpicker-bench-${process.pid}-${++addresses}`;
-}
-
-function serverCommand(
-  kind: ServerKind,
-  address: string,
-  pool: string,
-): string[] {
-  switch (kind) {
-    case "deno":
-      return [
-        DENO,
-        "run",
-        "-A",
-        "--unstable-net",
-        join(ROOT, "cli.ts"),
-        "serve",
-        "--pool",
-        pool,
-        "--address",
-        address,
-      ];
-    case "bun":
-      return [
-        BUN,
-        join(ROOT, "cli.ts"),
-        "serve",
-        "--pool",
-        pool,
-        "--address",
-        address,
-      ];
-    case "python":
-      return [
-        PYTHON,
-        PYTHON_PORTSERVER,
-        `--portserver_address=${address}`,
-        `--portserver_static_pool=${pool}`,
-      ];
-  }
-}
-
-interface RunningServer {
-  proc: Background;
-  address: string;
-  logFile: string;
-}
-
-/**
- * A pool of `size` ports free now, from `first` up and below the pickers'
- * default range, as the servers' `--pool` takes it: `A-B[,C-D...]`.
- */
-async function freePool(size: number, first: number): Promise<string> {
-  const ranges: [number, number][] = [];
-  let found = 0;
-  for (let port = first; port < DEFAULT_RANGE[0] && found < size; port++) {
-    if (!(await isPortFree(port))) continue;
-    found++;
-    const last = ranges.at(-1);
-    if (last && last[1] === port - 1) last[1] = port;
-    else ranges.push([port, port]);
-  }
-  if (found < size) {
-    throw new Error(
-      `only ${found} free ports from ${first} to ${DEFAULT_RANGE[0] - 1}`,
-    );
-  }
-  return ranges.map(([a, b]) => `${a}-${b}`).join(",");
-}
-
-/** A section's pool, kept for the report; undefined when there is none. */
-async function pool(
-  ctx: Context,
-  section: "server" | "memory",
-  size: number,
-  first: number,
-): Promise<string | undefined> {
-  await attempt(ctx, `${section}: a pool of ${size} free ports`, async () => {
-    ctx.results.pools[section] = await freePool(size, first);
-  });
-  return ctx.results.pools[section];
-}
-
-/** Starts a fresh server and waits until it serves. */
-async function startServer(
-  ctx: Context,
-  kind: ServerKind,
-  pool: string,
-): Promise<RunningServer> {
-  const address = uniqueAddress();
-  const logFile = join(ctx.tmp, `${address.slice(1)}.log`);
-  const proc = startBackground(serverCommand(kind, address, pool), logFile);
-  try {
-    await waitForLog(proc, logFile, /Serving on/);
-  } catch (error) {
-    await proc.stop();
-    throw error;
-  }
-  return { proc, address, logFile };
-}
-
-function serverLog(server: RunningServer): string {
-  return existsSync(server.logFile)
-    ? lastLines(readFileSync(server.logFile, "utf8"), 3)
-    : "";
-}
-
-/** Runs the load client against a server. */
-function load(
-  address: string,
-  pids: number[],
-  requests: number,
-  concurrency: number,
-  share = 100,
-): Promise<LoadResult> {
-  return runJson<LoadResult>([
-    ...tsCommand("node", LOAD),
-    "--address",
-    address,
-    "--pids",
-    pids.join(","),
-    "--share",
-    String(share),
-    "--requests",
-    String(requests),
-    "--concurrency",
-    String(concurrency),
-  ]);
-}
-
-/** What one timed load run tells about a server. */
-interface Measured extends LoadResult {
-  /** The server's CPU time (user and system) per timed request, in µs. */
-  cpuUs: number;
-}
-
-/**
- * The timed run of the load client: warmed up with refused requests, then
- * timed, with the server's CPU time read right before and after the timed
- * requests. The CPU time does not depend on the client, which on a small
- * machine competes with the server for the cores.
- */
-async function measure(
-  server: RunningServer,
-  pid: number,
-  requests: number,
-  concurrency: number,
-): Promise<Measured> {
-  let before = NaN;
-  const result = await runJson<LoadResult>([
-    ...tsCommand("node", LOAD),
-    "--address",
-    server.address,
-    "--pids",
-    String(pid),
-    "--requests",
-    String(requests),
-    "--concurrency",
-    String(concurrency),
-    "--warmup",
-    String(WARM_UP_REQUESTS),
-    "--handshake",
-  ], { onWarm: () => before = cpuTicks(server.proc.pid) });
-  const ticks = cpuTicks(server.proc.pid) - before;
-  return { ...result, cpuUs: ticks / clockTicks * 1e6 / requests };
-}
-
-/**
- * Hands every port of a fresh server's pool to live processes; fails unless
- * (nearly) all of them were handed out: a few may be in use by something
- * else on the machine, and are noted.
- */
-async function fill(
-  ctx: Context,
-  server: RunningServer,
-  pids: number[],
-  share: number,
-  pool: number,
-  what: string,
-): Promise<void> {
-  const result = await load(
-    server.address,
-    pids,
-    pool,
-    FILL_CONCURRENCY,
-    share,
-  );
-  if (result.ok < pool * 0.98) {
-    throw new Error(
-      `the server handed out ${result.ok} of ${pool} ports (${result.empty} empty replies, ${result.errors} errors); its log: ${
-        serverLog(server)
-      }`,
-    );
-  }
-  if (result.ok < pool) {
-    note(
-      ctx,
-      `${what}: ${
-        pool - result.ok
-      } of the pool's ${pool} ports were not handed out (in use by something else?).`,
-    );
-  }
-}
-
-/** Waits until a killed process is gone from /proc (reaped). */
-async function gone(proc: Background): Promise<void> {
-  await proc.stop("SIGKILL");
-  while (existsSync(`/proc/${proc.pid}`)) await sleep(5);
-}
-
-/** One cell of section 3 on a fresh server: see the report for the scenario. */
-async function serverCell(
-  ctx: Context,
-  kind: ServerKind,
-  spec: string,
-  occupancy: number,
-  concurrency: number,
-): Promise<void> {
-  const { pool } = ctx.sizes;
-  const what = `server ${kind}, ${occupancy} % held, ${clients(concurrency)}`;
-  const [a, b, c] = [startSleeper(), startSleeper(), startSleeper()];
-  let server: RunningServer | undefined;
-  try {
-    server = await startServer(ctx, kind, spec);
-    // A holds the occupancy's share, B the rest, interleaved (see load.ts).
-    await fill(ctx, server, [a.pid, b.pid], occupancy, pool, what);
-    // B dies: its ports are reclaimable, A's are held by a live process.
-    await gone(b);
-    const requests = measuredRequests(pool);
-    const result = await measure(server, c.pid, requests, concurrency);
-    if (result.ok === 0) {
-      throw new Error(
-        `no port in ${requests} requests; the server's log: ${
-          serverLog(server)
-        }`,
-      );
+/** Runs `body` on a fresh server of each kind, once it serves; then stops it. */
+function served(spec: string, cell: string, body: (s: Server) => unknown) {
+  return async (kind: string) => {
+    const name = kind + cell;
+    const address = `@portpicker-bench-${process.pid}-${++addresses}`;
+    const logFile = join(tmp, `${address.slice(1)}.log`);
+    const command = SERVE[kind](address, spec);
+    const { pid, stop, exited } = background(command, logFile);
+    const log = () => lastLines(fs.readFileSync(logFile, "utf8"), 3);
+    try {
+      const deadline = performance.now() + 30_000;
+      while (!/Serving on/.test(log())) {
+        const late = performance.now() > deadline && "timed out";
+        const why = exited() ? "exited" : late;
+        if (why) throw new Error(`${why} before serving: ${log()}`);
+        await new Promise((resolve) => setTimeout(resolve, 10));
+      }
+      await body({ pid, address, log, name });
+    } finally {
+      await stop();
     }
-    if (result.ok < requests) {
-      note(
-        ctx,
-        `${what}: ${
-          requests - result.ok
-        } of ${requests} timed requests got no port (${result.errors} errors).`,
-      );
-    }
-    add(ctx, serverKey(kind, occupancy, concurrency, "rps"), result.rps);
-    add(ctx, serverKey(kind, occupancy, concurrency, "p50"), result.p50Ms);
-    add(ctx, serverKey(kind, occupancy, concurrency, "p99"), result.p99Ms);
-    add(ctx, serverKey(kind, occupancy, concurrency, "cpu"), result.cpuUs);
-  } finally {
-    await server?.proc.stop();
-    await Promise.all([a, b, c].map((p) => p.stop()));
-  }
+  };
 }
 
-async function benchServer(ctx: Context): Promise<void> {
-  const spec = await pool(ctx, "server", ctx.sizes.pool, SERVER_POOL_FIRST);
-  if (spec === undefined) return;
-  for (let rep = 0; rep < ctx.sizes.reps; rep++) {
-    for (const occupancy of OCCUPANCIES) {
-      for (const concurrency of CONCURRENCIES) {
-        for (const kind of SERVERS) {
-          const what = `server ${kind}, ${occupancy} % held, ${
-            clients(concurrency)
-          }, run ${rep + 1}`;
-          log(what);
-          await attempt(
-            ctx,
-            what,
-            () => serverCell(ctx, kind, spec, occupancy, concurrency),
-          );
+/** The load client, compiled from load.c: see there for its arguments. */
+const load = (s: Server, args: number[]) =>
+  runJson<Record<string, number>>([LOAD, s.address, ...args.map(String)]);
+
+/**
+ * Hands out `count` ports (all of a pool) to live processes, at 16 clients,
+ * untimed. A few may be in use by something else on the machine: noted.
+ */
+async function fill(s: Server, [a, b = a]: number[], share: number, n: number) {
+  const r = await load(s, [a, b, share, n, 16, 0, 0]);
+  const [missing, replies] = [n - r.ok, `${r.empty} empty replies`];
+  const lost = `${s.name}: ${missing} of the pool's ${n} ports not handed out`;
+  if (r.ok < n * 0.98) {
+    throw new Error(`${lost} (${replies}, ${r.errors} errors); ${s.log()}`);
+  }
+  if (missing > 0) note(`${lost} (in use by something else?).`);
+}
+
+/**
+ * The timed run, for `owner` at `clients` clients: the rate and latencies from
+ * the client, and the server's CPU time per request from /proc (the server's
+ * own cost, whatever the client's).
+ */
+async function measure(s: Server, owner: number, clients: number) {
+  const key = `server/${s.name}`;
+  const n = report.timedRequests(pool);
+  const r = await load(s, [owner, owner, 100, n, clients, WARM_UP, s.pid]);
+  if (r.ok === 0) throw new Error(`no port in ${n} requests; ${s.log()}`);
+  const lost = `${n - r.ok} of ${n} timed requests got no port`;
+  if (r.ok < n) note(`${s.name}: ${lost} (${r.errors} errors).`);
+  add(`${key}/rps`, r.rps);
+  add(`${key}/p50`, r.p50Ms);
+  add(`${key}/p99`, r.p99Ms);
+  add(`${key}/cpu`, r.cpuTicks / results.clockTicks * 1e6 / n);
+}
+
+const BENCHES: Record<Section, () => Promise<void>> = {
+  /** 1. Picking without a server. */
+  async pick() {
+    const commands: Record<string, string[]> = {
+      deno: sh(`${DENO_PICK} ${picks}`),
+      "deno-stable": sh(`${DENO_STABLE} bench/pick.ts ${picks}`),
+      bun: sh(`bun bench/pick.ts ${picks}`),
+      node: sh(`node bench/pick.ts ${picks}`),
+      python: [TOOLS.python3, "-c", PYTHON_PICK, "pick", String(picks)],
+      getport: sh(`node bench/getport.mjs ${picks}`),
+    };
+    await repeat("picking", reps, KINDS.pick, async (p) => {
+      const r = await runJson<Record<string, number>>(commands[p]);
+      add(`pick/${p}`, r.rate);
+      if (r.checkRate !== undefined) add(`check/${p}`, r.checkRate);
+    });
+  },
+
+  /** 2. Exhaustion: one run each. */
+  async exhaust() {
+    const { exhaustion } = results;
+    await attempt("exhaustion, ours", async () => {
+      exhaustion.ours = await runJson(sh(`${DENO_PICK} exhaust ${exhaustCap}`));
+    });
+    await attempt("exhaustion, Python", async () => {
+      const command = [TOOLS.python3, "-c", PYTHON_PICK, "exhaust"];
+      exhaustion.python = await runJson([...command, String(exhaustCap)]);
+    });
+  },
+
+  /**
+   * 3. The port server. Each cell: live processes A and B fill a fresh
+   * server's pool, A taking the held share, interleaved; B dies, so that its
+   * ports are reclaimable and A's are not; then the timed requests, for C.
+   * Then the trivial reply servers, timed alike, with no pool.
+   */
+  async server() {
+    const spec = await freePool("server", pool, 5000);
+    if (spec === undefined) return;
+    const [a, c] = [sleeper(), sleeper()];
+    const trivial = KINDS.runtime.map((r) => `${r}-trivial`);
+    for (let rep = 1; rep <= reps; rep++) {
+      for (const o of report.OCCUPANCIES) {
+        for (const n of report.CONCURRENCIES) {
+          const cell = served(spec, `/${o}/${n}`, async (s) => {
+            const b = sleeper();
+            await fill(s, [a.pid, b.pid], o, pool);
+            await b.stop();
+            await measure(s, c.pid, n);
+          });
+          const what = `server, ${o} % held, ${n} clients`;
+          await repeat(what, 1, KINDS.server, cell);
         }
       }
+      const limit = served("", "/0/16", (s) => measure(s, c.pid, 16));
+      await repeat(`trivial reply server, run ${rep}:`, 1, trivial, limit);
     }
-  }
-}
+    await Promise.all([a.stop(), c.stop()]);
+  },
 
-// ---------------------------------------------------------------------------
-// 4. Start-up.
-
-async function benchStartup(ctx: Context): Promise<void> {
-  const binary = join(ctx.tmp, "portpicker");
-  const pid = String(process.pid);
-  const commands: Partial<Record<Startup, string[]>> = {
-    deno: [DENO, "run", "-A", "cli.ts", pid],
-    bun: [BUN, "cli.ts", pid],
-    node: [NODE, "cli.ts", pid],
-    python: [PYTHON, "-m", "portpicker", pid],
-  };
-  await attempt(ctx, "start-up, bun build --compile", async () => {
-    const built = await run([BUN, ...COMPILE_ARGS, "--outfile", binary]);
-    if (built.code !== 0) {
-      throw new Error(lastLines(built.stderr + built.stdout));
-    }
-    commands.binary = [binary, pid];
-  });
-  const ready = STARTUPS.filter((s) => commands[s] !== undefined);
-  const timed = async (command: Startup): Promise<number> => {
-    // Python's cwd must not shadow its portpicker module.
-    const cwd = command === "python" ? ctx.tmp : ROOT;
-    const result = await run(commands[command]!, { timeoutMs: 60_000, cwd });
-    if (result.code !== 0 || !/^\d+\n$/.test(result.stdout)) {
-      throw new Error(
-        `exit ${result.code ?? result.signal}, printed ${
-          JSON.stringify(result.stdout)
-        }: ${lastLines(result.stderr)}`,
-      );
-    }
-    return result.wallMs;
-  };
-  // One untimed run each: caches (Deno's transpiled modules, the page cache)
-  // are warm for all of them alike.
-  for (const command of ready) {
-    await attempt(ctx, `start-up, ${command}, warm-up`, async () => {
-      await timed(command);
+  /** 4. Start-up of a command that prints one port. */
+  async startup() {
+    const binary = join(tmp, "portpicker");
+    const commands: Record<string, string[]> = {
+      deno: sh("deno run -A cli.ts"),
+      bun: sh("bun cli.ts"),
+      node: sh("node cli.ts"),
+      binary: [binary], // Built here; left out when the build fails.
+      python: sh("python3 -m portpicker"),
+    };
+    await attempt("start-up, bun build --compile", async () => {
+      const flags = "--compile --minify --bytecode --format=esm cli.ts";
+      const r = await run(sh(`bun build ${flags} --outfile ${binary}`));
+      if (r.code !== 0) throw new Error(lastLines(r.stderr + r.stdout));
     });
-  }
-  for (let rep = 0; rep < ctx.sizes.startupReps; rep++) {
-    for (const command of ready) {
-      await attempt(ctx, `start-up, ${command}, run ${rep + 1}`, async () => {
-        add(ctx, startupKey(command), await timed(command));
-      });
-    }
-  }
-}
+    const startup = async (s: string) => {
+      // Python's cwd must not shadow its portpicker module.
+      const command = [...commands[s], String(process.pid)];
+      const r = await run(command, 60_000, s === "python" ? tmp : ROOT);
+      if (r.code === 0 && /^\d+\n$/.test(r.stdout)) return r.wallMs;
+      const why = `exit ${r.code}, printed ${JSON.stringify(r.stdout)}`;
+      throw new Error(`${why}: ${lastLines(r.stderr)}`);
+    };
+    // One untimed run each: caches (Deno's transpiled modules, the page
+    // cache) are warm for all of them alike.
+    const kinds = KINDS.startup.filter((s) =>
+      s !== "binary" || fs.existsSync(binary)
+    );
+    await repeat("start-up, warm-up", 1, kinds, startup);
+    await repeat("start-up", startupReps, kinds, async (s) => {
+      add(`startup/${s}`, await startup(s));
+    });
+  },
+
+  /** 5. Memory: peak RSS once serving, and with the pool handed out. */
+  async memory() {
+    const spec = await freePool("memory", memoryPool, 1024);
+    if (spec === undefined) return;
+    const owner = sleeper();
+    const memory = served(spec, "", async (s) => {
+      add(`memory/${s.name}/start`, peakRssKiB(s.pid));
+      if (s.name.endsWith("-empty")) return;
+      await fill(s, [owner.pid], 100, memoryPool);
+      add(`memory/${s.name}/full`, peakRssKiB(s.pid));
+    });
+    await repeat("memory", reps, KINDS.memory, memory);
+    await owner.stop();
+  },
+};
 
 // ---------------------------------------------------------------------------
-// 5. Memory.
 
-async function benchMemory(ctx: Context): Promise<void> {
-  const size = ctx.sizes.memoryPool;
-  const spec = await pool(ctx, "memory", size, MEMORY_POOL_FIRST);
-  if (spec === undefined) return;
-  for (let rep = 0; rep < ctx.sizes.reps; rep++) {
-    for (const kind of SERVERS) {
-      const what = `memory, ${kind}, run ${rep + 1}`;
-      log(what);
-      await attempt(ctx, what, async () => {
-        const owner = startSleeper();
-        let server: RunningServer | undefined;
-        try {
-          server = await startServer(ctx, kind, spec);
-          add(ctx, memoryKey(kind, "start"), peakRssKiB(server.proc.pid));
-          await fill(ctx, server, [owner.pid], 100, size, `memory, ${kind}`);
-          add(ctx, memoryKey(kind, "full"), peakRssKiB(server.proc.pid));
-        } finally {
-          await server?.proc.stop();
-          await owner.stop();
-        }
-      });
-    }
-  }
+/** A command's first line of output, or "unknown". */
+async function firstLine(command: string): Promise<string> {
+  const r = await run(sh(command), 30_000);
+  const line = r.code === 0 && (r.stdout || r.stderr).trim().split("\n")[0];
+  return line || "unknown";
 }
 
-// ---------------------------------------------------------------------------
-// The machine.
-
-/** A command's first line of output, or "unknown": a version must not stop the bench. */
-async function firstLine(command: string[]): Promise<string> {
-  try {
-    const result = await run(command, { timeoutMs: 30_000 });
-    const line = (result.stdout || result.stderr).trim().split("\n")[0];
-    return result.code === 0 && line ? line : "unknown";
-  } catch {
-    return "unknown";
-  }
-}
-
-async function machine(): Promise<Machine> {
-  const cores = Number(await firstLine(["nproc"])) ||
-    os.availableParallelism();
-  clockTicks = Number(await firstLine(["getconf", "CLK_TCK"])) || 100;
-  let cpu = "unknown CPU";
-  try {
-    cpu = /^model name\s*:\s*(.+)$/m.exec(
-      readFileSync("/proc/cpuinfo", "utf8"),
-    )?.[1].trim() ?? cpu;
-  } catch { /* not Linux */ }
-  const getPort = JSON.parse(
-    readFileSync(
-      join(ROOT, "node_modules", "get-port", "package.json"),
-      "utf8",
-    ),
-  ).version as string;
-  const head = await firstLine([
-    "git",
-    "-C",
-    ROOT,
-    "rev-parse",
-    "--short",
-    "HEAD",
-  ]);
-  const dirty = (await run(["git", "-C", ROOT, "status", "--porcelain"]))
-    .stdout.trim() !== "";
+async function machine(): Promise<Results["machine"]> {
+  results.clockTicks = Number(await firstLine("getconf CLK_TCK")) || 100;
+  const cpuinfo = fs.readFileSync("/proc/cpuinfo", "utf8");
+  const getPort = join(ROOT, "node_modules/get-port/package.json");
+  const git = await run(sh("git status --porcelain"));
+  const dirty = git.stdout.trim() ? " with uncommitted changes" : "";
+  const portpicker = await firstLine("dpkg-query -W python3-portpicker");
+  const versions = {
+    Deno: (await firstLine("deno --version")).replace(/^deno (\S+).*/, "$1"),
+    Bun: await firstLine("bun --version"),
+    Node: (await firstLine("node --version")).replace(/^v/, ""),
+    Python: (await firstLine("python3 --version")).replace(/^Python /, ""),
+    "python3-portpicker": portpicker.replace(/^.*\t/, ""),
+    "get-port": JSON.parse(fs.readFileSync(getPort, "utf8")).version,
+    gcc: await firstLine("gcc -dumpfullversion"),
+  };
   return {
-    cores,
-    clockTicks,
-    cpu,
+    cores: String(Number(await firstLine("nproc")) || os.cpus().length),
+    cpu: /^model name\s*:\s*(.+)$/m.exec(cpuinfo)?.[1].trim() ?? "unknown CPU",
     date: new Date().toISOString().replace(/\.\d+Z$/, "Z"),
-    commit: `${head}${dirty ? " with uncommitted changes" : ""}`,
-    versions: [
-      [
-        "Deno",
-        (await firstLine([DENO, "--version"])).replace(/^deno /, "").replace(
-          / \(.*/,
-          "",
-        ),
-      ],
-      ["Bun", await firstLine([BUN, "--version"])],
-      ["Node", (await firstLine([NODE, "--version"])).replace(/^v/, "")],
-      [
-        "Python",
-        (await firstLine([PYTHON, "--version"])).replace(/^Python /, ""),
-      ],
-      [
-        "python3-portpicker",
-        await firstLine([
-          PYTHON,
-          "-c",
-          "import importlib.metadata as m; print(m.version('portpicker'))",
-        ]),
-      ],
-      ["get-port", getPort],
-    ],
-    loadBefore: os.loadavg(),
-    loadAfter: [],
-  };
-}
-
-/**
- * A file's text as `deno fmt` writes it (markdown prose wrapped at 80
- * columns, SVG attributes wrapped), so that the results committed to the
- * repository pass its `deno fmt --check`; as it is when Deno cannot format it.
- */
-async function formatted(text: string, ext: "md" | "svg"): Promise<string> {
-  let why: string;
-  try {
-    const result = await run([DENO, "fmt", "--ext", ext, "-"], {
-      input: text,
-      timeoutMs: 60_000,
-    });
-    if (result.code === 0 && result.stdout.trim() !== "") return result.stdout;
-    why = lastLines(result.stderr);
-  } catch (error) {
-    why = (error as Error).message;
-  }
-  log(`deno fmt failed, the .${ext} file is left unformatted: ${why}`);
-  return text;
-}
-
-// ---------------------------------------------------------------------------
-
-interface Options {
-  sizes: Sizes;
-  out: string;
-  sections: Section[];
-}
-
-function parseOptions(args: string[]): Options {
-  const { values } = parseArgs({
-    args,
-    options: {
-      tiny: { type: "boolean", default: false },
-      out: { type: "string" },
-      only: { type: "string" },
-    },
-  });
-  const sections = values.only === undefined
-    ? [...SECTIONS]
-    : values.only.split(",").map((s) => s.trim());
-  for (const section of sections) {
-    if (!(SECTIONS as readonly string[]).includes(section)) {
-      throw new Error(
-        `unknown section ${JSON.stringify(section)}: expected ${
-          SECTIONS.join(", ")
-        }`,
-      );
-    }
-  }
-  return {
-    sizes: values.tiny ? TINY : FULL,
-    out: resolve(values.out ?? join(ROOT, "bench")),
-    sections: SECTIONS.filter((s) => sections.includes(s)),
+    commit: await firstLine("git rev-parse --short HEAD") + dirty,
+    versions: Object.entries(versions).map((e) => e.join(" ")).join(", "),
   };
 }
 
 async function main(): Promise<number> {
-  const args = process.argv.slice(2);
-  const options = parseOptions(args);
+  const unknown = only.filter((s) => !(s in report.HEADERS));
+  if (unknown.length > 0) throw new Error(`unknown sections: ${unknown}`);
   const began = performance.now();
-  const tmp = mkdtempSync(join(os.tmpdir(), "portpicker-bench-"));
-  temporary = tmp;
-  try {
-    const results: Results = {
-      sizes: options.sizes,
-      sections: options.sections,
-      machine: await machine(),
-      samples: new Map(),
-      exhaustion: {},
-      pools: {},
-      errors: [],
-      notes: new Map(),
-      wallSeconds: 0,
-      command: ["bench/run.ts", ...args].join(" "),
-    };
-    if (!existsSync(PYTHON_PORTSERVER)) {
-      results.errors.push(
-        "Debian's python3-portpicker is not installed (apt-get install python3-portpicker): no Python figures",
-      );
-    }
-    const ctx: Context = { sizes: options.sizes, results, tmp };
-    const sections: Record<Section, (ctx: Context) => Promise<void>> = {
-      pick: benchPick,
-      exhaust: benchExhaust,
-      server: benchServer,
-      startup: benchStartup,
-      memory: benchMemory,
-    };
-    for (const section of options.sections) {
-      log(`section ${section}`);
-      await sections[section](ctx);
-    }
-    results.machine.loadAfter = os.loadavg();
-    results.wallSeconds = (performance.now() - began) / 1000;
-    const markdown = await formatted(renderMarkdown(results), "md");
-    const m = results.machine;
-    const chart = await formatted(
-      renderChart(
-        bars(results),
-        "portpicker (TypeScript) against Python's portpicker",
-        `Above 1×, ours is better. Server: requests per second. ${m.cores} cores, ${
-          m.date.slice(0, 10)
-        }.`,
-      ),
-      "svg",
-    );
-    mkdirSync(options.out, { recursive: true });
-    writeFileSync(join(options.out, "results.md"), markdown);
-    writeFileSync(join(options.out, "chart.svg"), chart);
-    process.stdout.write(markdown);
-    log(
-      `wrote ${join(options.out, "results.md")} and chart.svg in ${
-        results.wallSeconds.toFixed(0)
-      } s`,
-    );
-    return results.errors.length === 0 ? 0 : 1;
-  } finally {
-    cleanUp();
+  const loadavg = () => os.loadavg().map((v) => v.toFixed(2)).join(" ");
+  results.load.push(loadavg());
+  results.machine = await machine();
+  // The load client, compiled here: it must outpace every server it drives.
+  const gcc = await run(sh(`gcc -O2 -Wall -pthread -o ${LOAD} bench/load.c`));
+  for (const section of results.sections) {
+    log(`section ${section}`);
+    if (gcc.code === 0 || section !== "server" && section !== "memory") {
+      await BENCHES[section]();
+    } else results.errors.push(`${section}: gcc: ${lastLines(gcc.stderr)}`);
   }
+  results.load.push(loadavg());
+  results.wallSeconds = (performance.now() - began) / 1000;
+  const { cores, date } = results.machine;
+  const out = resolve(values.out);
+  const [md, svg] = ["results.md", "chart.svg"].map((f) => join(out, f));
+  fs.mkdirSync(out, { recursive: true });
+  fs.writeFileSync(md, report.renderMarkdown(results));
+  const title = "portpicker (TypeScript) against Python's portpicker";
+  const day = date.slice(0, 10);
+  const subtitle =
+    `Above 1×, ours is better. Server: requests per second. ${cores} cores, ${day}.`;
+  fs.writeFileSync(svg, renderChart(report.bars(results), title, subtitle));
+  // As `deno fmt` writes them: the committed results pass `deno fmt --check`.
+  const fmt = await run(sh(`deno fmt ${md} ${svg}`));
+  if (fmt.code !== 0) log(`deno fmt failed: ${lastLines(fmt.stderr)}`);
+  process.stdout.write(fs.readFileSync(md, "utf8"));
+  log(`wrote ${md} and chart.svg in ${results.wallSeconds.toFixed(0)} s`);
+  return results.errors.length === 0 ? 0 : 1;
 }
 
-/** The run's temporary folder, removed at the end or on interruption. */
-let temporary: string | undefined;
-
-/** Kills every child process still running and removes the temporary folder. */
+/** Kills every child still running and removes the temporary folder. */
 function cleanUp(): void {
-  killAll();
-  if (temporary) rmSync(temporary, { recursive: true, force: true });
-  temporary = undefined;
+  for (const child of live) child.kill("SIGKILL");
+  fs.rmSync(tmp, { recursive: true, force: true });
 }
-
 // Interrupted: no server or sleeper may outlive the bench.
 for (const signal of ["SIGINT", "SIGTERM"] as const) {
-  process.on(signal, () => {
-    cleanUp();
-    process.exit(130);
-  });
+  process.on(signal, () => (cleanUp(), process.exit(130)));
 }
-
-let status: number;
-try {
-  status = await main();
-} catch (error) {
-  log(`error: ${(error as Error).stack ?? error}`);
-  status = 2;
-}
+const status = await main().catch((error) => {
+  log(`error: ${error?.stack ?? error}`);
+  return 2;
+});
+cleanUp();
 process.exit(status);

@@ -70,8 +70,20 @@ test("bench/run.ts --tiny writes the report and a valid SVG chart", {
     const targets = markdown.slice(markdown.indexOf(`\n${TARGETS_HEADER}\n`));
     assert.ok(targets.length > TARGETS_HEADER.length, "a Targets section");
     const verdicts = targets.match(/^- \*\*(MET|NOT MET)\*\*: /gm) ?? [];
-    assert.equal(verdicts.length, 4, `four targets judged:\n${targets}`);
+    assert.equal(verdicts.length, 6, `six targets judged:\n${targets}`);
     assert.match(markdown, /\*\*\d+\s+cores\*\*/);
+    // The rows of issue 11: Deno without --unstable-net, the trivial reply
+    // server (the runtime's limit) measured by the C load client, and RSS
+    // over the empty runtime; a figure that failed would read "—".
+    for (
+      const row of [
+        /^\| ours on Deno without `--unstable-net` +\| +[\d,]+ \|/m,
+        /^\| Deno +\| +[\d,]+ \| +[\d—]+ \| +[\d.]+× \|/m,
+        /^\| Bun +\| +[\d,]+ \| +[\d—]+ \| +[\d.]+× \|/m,
+        /^\| trivial reply server on Deno +\| +[\d.]+ \| +[\d.]+ \| +-?[\d.]+ \|/m,
+        /^\| empty Bun \(an idle script\) +\| +[\d.]+ \|/m,
+      ]
+    ) assert.match(markdown, row);
 
     const chart = join(dir.path, "chart.svg");
     assert.ok(existsSync(chart), "chart.svg written");
