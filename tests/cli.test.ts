@@ -318,6 +318,17 @@ test("no free port exits 1 with one line naming the range", async () => {
   }
 });
 
+test("-n 2 in a range of 1 free port says the range has fewer free ports than asked, and how many", async () => {
+  const [port] = await freeRange(1);
+  const result = await runCli(["--range", `${port}-${port}`, "-n", "2"]);
+  assert.equal(result.code, 1, result.stderr);
+  assert.equal(result.stdout, "");
+  assert.equal(
+    result.stderr,
+    `portpicker: Not enough free ports in ${port}-${port}: asked for 2, found 1 of its 1 ports\n`,
+  );
+});
+
 test("hold_seconds: returns at once, the port listens meanwhile, then is free", async () => {
   await checkHold(runtimeCommand("cli.ts"), 2);
 });

@@ -1141,6 +1141,38 @@ test("CLI: -n 3 --label web, status (table and --json), return", async () => {
   }
 });
 
+test("status: ports of a holder that died are marked (alive false, reclaimable), in JSON and in the CLI's table", async () => {
+  await withServer({ size: 5, name: "ext-dead" }, async ({ address }) => {
+    const holder = start(["sleep", "600"]);
+    const pid = holder.child.pid!;
+    const reply = await ask(address, `TAKE pid=${pid} count=2 label=gone\n`);
+    const ports = okPorts(reply, 2);
+    await holder.stop("SIGKILL");
+    const status = await getPortServerStatus(address);
+    assert.equal(status.allocated, 2);
+    assert.equal(status.reclaimable, 2);
+    for (const a of status.allocations) {
+      assert.deepEqual([a.pid, a.alive, a.label], [pid, false, "gone"]);
+    }
+    const table = await runCli(["status", "--portserver", address]);
+    assert.equal(table.code, 0, table.stderr);
+    const lines = table.stdout.trimEnd().split("\n");
+    assert.equal(
+      lines[0],
+      `2 of 5 ports held on ${address}, 2 of them by holders that died (reclaimable)`,
+    );
+    for (const port of ports) {
+      assert.match(
+        table.stdout,
+        new RegExp(
+          `^${port}\\s+${pid}\\s+\\S+\\s+gone\\s+dead, reclaimable$`,
+          "m",
+        ),
+      );
+    }
+  });
+});
+
 test("CLI: return with no port, status with no server, and bad --label are usage errors (exit 2, one line)", async () => {
   await withServer({ size: 2, name: "ext-cli-usage" }, async ({ address }) => {
     const cases: [string[], Record<string, string | undefined>][] = [
