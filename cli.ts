@@ -417,14 +417,18 @@ async function serveCommand(args: string[]): Promise<number> {
   } else {
     options.pool = DEFAULT_POOL;
   }
-  let server;
+  // Listening before "Serving on" is logged: a signal right after it must
+  // stop the server cleanly, not kill it.
+  let server: Awaited<ReturnType<typeof startPortServer>> | undefined;
+  const stopping = untilSignal(() => server?.logStats());
   try {
     server = await startPortServer({ ...options, log });
   } catch (error) {
     log(logLine("E", (error as Error).message));
+    stopping.cancel();
     return EXIT_FAILURE;
   }
-  const stopSignal = await untilSignal(() => server.logStats());
+  const stopSignal = await stopping;
   log(logLine("I", `Stopping on ${stopSignal}.`));
   await server.stop();
   server.logStats();
@@ -583,10 +587,16 @@ function exit(code: number): void {
   node!.exit(code);
 }
 
-/** Resolves with the name of the first SIGINT or SIGTERM; SIGUSR1 calls `onUsr1`. */
-function untilSignal(onUsr1: () => void): Promise<string> {
+/**
+ * Resolves with the name of the first SIGINT or SIGTERM; SIGUSR1 calls
+ * `onUsr1`. `cancel()` removes the listeners without waiting.
+ */
+function untilSignal(
+  onUsr1: () => void,
+): Promise<string> & { cancel(): void } {
   const handlers: [Deno.Signal, () => void][] = [["SIGUSR1", onUsr1]];
-  return new Promise<string>((resolve) => {
+  let cancel = () => {};
+  const signalled = new Promise<string>((resolve) => {
     for (const signal of ["SIGINT", "SIGTERM"] as const) {
       handlers.push([signal, () => resolve(signal)]);
     }
@@ -594,6 +604,7 @@ function untilSignal(onUsr1: () => void): Promise<string> {
       if (deno) deno.addSignalListener(signal, handler);
       else node!.on(signal, handler);
     }
+    cancel = () => resolve("");
   }).finally(() => {
     // Deno's signal listeners would keep the process alive.
     for (const [signal, handler] of handlers) {
@@ -601,6 +612,7 @@ function untilSignal(onUsr1: () => void): Promise<string> {
       else node!.off(signal, handler);
     }
   });
+  return Object.assign(signalled, { cancel });
 }
 
 /** How to start this program again: the runtime, its flags and the script. */

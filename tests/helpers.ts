@@ -5,7 +5,14 @@
 
 import assert from "node:assert/strict";
 import { type ChildProcess, spawn } from "node:child_process";
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import {
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readFileSync,
+  rmSync,
+  writeFileSync,
+} from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
@@ -385,22 +392,88 @@ export async function runScript(
 }
 
 /**
- * An inclusive range of `size` ports that are all free now, below the
- * kernel's ephemeral range (32768 and up) and above the default search range
- * (15000–24999), so that neither the kernel nor other pickers hand them out.
+ * The ports this test process may use for ranges and pools: `npm test` runs
+ * the runtimes side by side, each in its own region (PORTPICKER_TEST_SLOT),
+ * so that one runtime's tests never take another's ports. All lie below the
+ * kernel's ephemeral range (32768 and up). 5000–14999 is left for the one
+ * test that needs a 10,000-port pool (see {@linkcode exclusive}).
+ */
+export const TEST_PORTS: readonly [number, number] = ([
+  [15000, 21499],
+  [21500, 21999],
+  [22000, 28999],
+  [29000, 32767],
+] as const)[Number(process.env.PORTPICKER_TEST_SLOT ?? 0) % 4];
+
+/** The ranges handed out by {@linkcode freeRange} in this process. */
+const usedRanges: [number, number][] = [];
+let cursor: number | undefined;
+
+/**
+ * An inclusive range of `size` ports of {@linkcode TEST_PORTS}, overlapping
+ * no range given before in this process (whose ports this process may still
+ * hold). Ranges of up to 100 ports are also checked free now.
  */
 export async function freeRange(size: number): Promise<[number, number]> {
-  const low = 25000;
-  const high = 32767 - size + 1;
-  for (let attempt = 0; attempt < 200; attempt++) {
-    const first = low + Math.floor(Math.random() * (high - low + 1));
+  const [low, high] = TEST_PORTS;
+  // One random start a process, then ranges side by side (wrapping around):
+  // Bun runs all test files in one process, and ranges placed at random would
+  // leave no gap for the large pools.
+  let next = cursor ?? low + Math.floor(Math.random() * (high - low + 1));
+  for (let attempt = 0; attempt < 400; attempt++) {
+    if (next + size - 1 > high) next = low;
+    const first: number = next;
+    const last = first + size - 1;
+    const overlap = usedRanges.find(([a, b]) => first <= b && a <= last);
+    if (overlap) {
+      next = overlap[1] + 1;
+      continue;
+    }
+    next = cursor = last + 1;
     let ok = true;
-    for (let port = first; port < first + size && ok; port++) {
+    for (let port = first; size <= 100 && port <= last && ok; port++) {
       ok = await isPortFree(port);
     }
-    if (ok) return [first, first + size - 1];
+    if (!ok) continue;
+    usedRanges.push([first, last]);
+    return [first, last];
   }
-  throw new Error(`no free range of ${size} ports found in ${low}-32767`);
+  throw new Error(`no free range of ${size} ports found in ${low}-${high}`);
+}
+
+/**
+ * Runs `body` while no other test process runs a body under the same
+ * `name`: for tests that need ports outside {@linkcode TEST_PORTS}. The lock
+ * is a directory; one left by a killed process is taken over.
+ */
+export async function exclusive<T>(
+  name: string,
+  body: () => Promise<T>,
+): Promise<T> {
+  const lock = join(tmpdir(), `portpicker-test-${name}.lock`);
+  while (true) {
+    try {
+      mkdirSync(lock);
+      writeFileSync(join(lock, "pid"), String(process.pid));
+      break;
+    } catch (error) {
+      if ((error as { code?: string }).code !== "EEXIST") throw error;
+    }
+    let owner = 0;
+    try {
+      owner = Number(readFileSync(join(lock, "pid"), "utf8"));
+      process.kill(owner, 0);
+    } catch {
+      // No owner yet (being made), or a dead one: take over a dead one's.
+      if (owner > 0) rmSync(lock, { recursive: true, force: true });
+    }
+    await sleep(50);
+  }
+  try {
+    return await body();
+  } finally {
+    rmSync(lock, { recursive: true, force: true });
+  }
 }
 
 /** The ports from `range[0]` to `range[1]`. */

@@ -30,6 +30,7 @@ import {
 import { connect, createServer, type Socket } from "node:net";
 import { join } from "node:path";
 import {
+  exclusive,
   freeRange,
   MOD_URL,
   portsOf,
@@ -981,6 +982,11 @@ sys.stdin.read()
 
 test("9.6 300 clients that send STATUS to a full, labelled 10,000-port pool and never read: memory stays bounded, each is dropped, a handful of log lines, and the server serves on", async () => {
   requirePython();
+  // The runtimes' suites run side by side: one 10,000-port pool at a time.
+  await exclusive("ports-5000-14999", noReaders);
+});
+
+async function noReaders(): Promise<void> {
   // Below the default search range and the kernel's ephemeral range, and
   // apart from the pools of randomPool(), which has no room for 10,000.
   const range: [number, number] = [5000, 14999];
@@ -1076,7 +1082,7 @@ test("9.6 300 clients that send STATUS to a full, labelled 10,000-port pool and 
     await holder.stop("SIGKILL");
     await server.stop("SIGKILL");
   }
-});
+}
 
 // ---------------------------------------------------------------------------
 // 9.7 Crafted state files.

@@ -182,7 +182,7 @@ sys.stdin.read()
 `;
 
 test("32 processes x 50 requests at once: 1600 distinct pool ports, each binds on TCP and UDP in its live holder", async () => {
-  const range = await randomPool(2000);
+  const range = await randomPool(1800);
   const address = uniqueName("ps-many");
   const server = await startServer([
     "--pool",

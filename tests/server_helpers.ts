@@ -6,46 +6,22 @@
 
 import { readFileSync } from "node:fs";
 import { connect } from "node:net";
-import { isPortFree } from "../mod.ts";
-import { type Proc, runtimeCommand, start, uniqueName } from "./helpers.ts";
-
-/** The ranges handed out by {@linkcode randomPool} in this process. */
-const usedRanges: [number, number][] = [];
+import {
+  freeRange,
+  type Proc,
+  runtimeCommand,
+  start,
+  uniqueName,
+} from "./helpers.ts";
 
 /**
- * A range of `size` ports in 20000–32000 (below the kernel's ephemeral
- * range), overlapping no range given before in this process. Pools of up to
- * 100 ports are also checked free now.
+ * A range of `size` ports of this test process's region, overlapping no
+ * range given before in this process; pools of up to 100 ports are checked
+ * free now.
  */
-export async function randomPool(size: number): Promise<[number, number]> {
-  const low = 20000;
-  const high = 32000;
-  // One random start a process, then ranges side by side (wrapping around):
-  // Bun runs all test files in one process, and ranges placed at random would
-  // leave no gap for the large pools.
-  let next = cursor ?? low + Math.floor(Math.random() * (high - low + 1));
-  for (let attempt = 0; attempt < 200; attempt++) {
-    if (next + size - 1 > high) next = low;
-    const first: number = next;
-    const last = first + size - 1;
-    const overlap = usedRanges.find(([a, b]) => first <= b && a <= last);
-    if (overlap) {
-      next = overlap[1] + 1;
-      continue;
-    }
-    next = cursor = last + 1;
-    let ok = true;
-    for (let port = first; size <= 100 && port <= last && ok; port++) {
-      ok = await isPortFree(port);
-    }
-    if (!ok) continue;
-    usedRanges.push([first, last]);
-    return [first, last];
-  }
-  throw new Error(`no free pool of ${size} ports found in ${low}-${high}`);
+export function randomPool(size: number): Promise<[number, number]> {
+  return freeRange(size);
 }
-
-let cursor: number | undefined;
 
 /** `first-last`, as --pool takes it. */
 export function poolSpec(range: readonly [number, number]): string {
