@@ -399,15 +399,14 @@ export async function runScript(
  * test that needs a 10,000-port pool (see {@linkcode exclusive}).
  */
 export const TEST_PORTS: readonly [number, number] = ([
-  [15000, 21499],
-  [21500, 21999],
-  [22000, 28999],
+  [15000, 19999],
+  [20000, 20499],
+  [20500, 28999],
   [29000, 32767],
 ] as const)[Number(process.env.PORTPICKER_TEST_SLOT ?? 0) % 4];
 
 /** The ranges handed out by {@linkcode freeRange} in this process. */
 const usedRanges: [number, number][] = [];
-let cursor: number | undefined;
 
 /**
  * An inclusive range of `size` ports of {@linkcode TEST_PORTS}, overlapping
@@ -416,29 +415,38 @@ let cursor: number | undefined;
  */
 export async function freeRange(size: number): Promise<[number, number]> {
   const [low, high] = TEST_PORTS;
-  // One random start a process, then ranges side by side (wrapping around):
-  // Bun runs all test files in one process, and ranges placed at random would
-  // leave no gap for the large pools.
-  let next = cursor ?? low + Math.floor(Math.random() * (high - low + 1));
-  for (let attempt = 0; attempt < 400; attempt++) {
-    if (next + size - 1 > high) next = low;
-    const first: number = next;
+  // First fit: Bun runs every test file in one process, and the large pools
+  // need the room that ranges scattered at random would leave in pieces.
+  let first = low;
+  for (let attempt = 0; attempt < 400 && first + size - 1 <= high;) {
     const last = first + size - 1;
     const overlap = usedRanges.find(([a, b]) => first <= b && a <= last);
     if (overlap) {
-      next = overlap[1] + 1;
+      first = overlap[1] + 1;
       continue;
     }
-    next = cursor = last + 1;
-    let ok = true;
-    for (let port = first; size <= 100 && port <= last && ok; port++) {
-      ok = await isPortFree(port);
+    attempt++;
+    let busy: number | undefined;
+    for (let port = first; size <= 100 && port <= last; port++) {
+      if (!(await isPortFree(port))) {
+        busy = port;
+        break;
+      }
     }
-    if (!ok) continue;
+    if (busy !== undefined) {
+      first = busy + 1;
+      continue;
+    }
     usedRanges.push([first, last]);
     return [first, last];
   }
   throw new Error(`no free range of ${size} ports found in ${low}-${high}`);
+}
+
+/** Gives back a range of {@linkcode freeRange} whose ports are all let go. */
+export function releaseRange(range: readonly [number, number]): void {
+  const i = usedRanges.findIndex(([a, b]) => a === range[0] && b === range[1]);
+  if (i >= 0) usedRanges.splice(i, 1);
 }
 
 /**

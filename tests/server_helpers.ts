@@ -9,6 +9,7 @@ import { connect } from "node:net";
 import {
   freeRange,
   type Proc,
+  releaseRange,
   runtimeCommand,
   start,
   uniqueName,
@@ -77,6 +78,7 @@ export async function withServer(
     await body({ range, address, server });
   } finally {
     await server.stop();
+    releaseRange(range);
   }
 }
 
