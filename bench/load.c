@@ -2,14 +2,12 @@
  * binary is committed). One thread a client, so that it outpaces every server
  * it drives: the report shows its own rate against the trivial reply servers.
  *
- * Usage: load ADDRESS PID_A PID_B SHARE REQUESTS CONCURRENCY WARMUP SERVER_PID
+ * Usage: load ADDRESS PID_A PID_B SHARE REQUESTS CONCURRENCY
  *
  * Each request has its own connection: the pid and a newline, then the reply
  * read to its end. Request i is for PID_A when i % 10 < SHARE / 10, else for
- * PID_B. WARMUP untimed requests for pid 1 (which every server refuses) come
- * first. Prints {"rps", "p50Ms", "p99Ms", "ok", "empty", "errors", "cpuTicks"}:
- * ok counts replies that are a port, empty other replies; cpuTicks is
- * SERVER_PID's CPU time over the timed requests, in clock ticks (0: none). */
+ * PID_B. Prints {"rps", "p50", "p99", "ok", "empty", "errors"}: the rate, the
+ * latencies in ms, the replies that are a port, the other replies. */
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stddef.h>
@@ -23,30 +21,14 @@
 
 static struct sockaddr_un addr = {.sun_family = AF_UNIX};
 static socklen_t addr_len;
-static int pid_a, pid_b, share, total, warmup, server_pid;
-static atomic_int next_index, warmed, counts[3]; /* a port, another reply, an error */
+static int pid_a, pid_b, share, total;
+static atomic_int next_index, counts[3]; /* a port, another reply, an error */
 static double *latencies;
 
 static double now_ms(void) {
   struct timespec t;
   clock_gettime(CLOCK_MONOTONIC, &t);
   return t.tv_sec * 1e3 + t.tv_nsec / 1e6;
-}
-
-/* utime + stime of SERVER_PID, in clock ticks. */
-static long cpu_ticks(void) {
-  char path[64], text[1024];
-  long user = 0, system = 0;
-  snprintf(path, sizeof path, "/proc/%d/stat", server_pid);
-  FILE *file = server_pid ? fopen(path, "r") : NULL;
-  if (!file) return 0;
-  size_t n = fread(text, 1, sizeof text - 1, file);
-  fclose(file);
-  text[n] = 0;
-  char *p = strrchr(text, ')');
-  for (int field = 2; p && field < 14; field++) p = strchr(p + 1, ' ');
-  if (p) sscanf(p, " %ld %ld", &user, &system);
-  return user + system;
 }
 
 /* One request on its own connection: 0 a port, 1 another reply, 2 an error. */
@@ -68,24 +50,13 @@ static int request(int pid) {
   return digits > 0 && (int)digits == got - 1 && buf[digits] == '\n' ? 0 : 1;
 }
 
-static void *warm(void *unused) {
-  while (atomic_fetch_add(&warmed, 1) < warmup) request(1);
-  return unused;
-}
-
-static void *timed(void *unused) {
+static void *client(void *unused) {
   for (int i; (i = atomic_fetch_add(&next_index, 1)) < total;) {
     double began = now_ms();
     atomic_fetch_add(&counts[request(i % 10 < share / 10 ? pid_a : pid_b)], 1);
     latencies[i] = now_ms() - began;
   }
   return unused;
-}
-
-static void in_threads(int count, void *(*loop)(void *)) {
-  pthread_t threads[count];
-  for (int t = 0; t < count; t++) pthread_create(&threads[t], NULL, loop, NULL);
-  for (int t = 0; t < count; t++) pthread_join(threads[t], NULL);
 }
 
 static int compare(const void *a, const void *b) {
@@ -100,28 +71,27 @@ static double percentile(int p) {
 }
 
 int main(int argc, char **argv) {
-  size_t len = argc == 9 ? strlen(argv[1]) : 0;
+  size_t len = argc == 7 ? strlen(argv[1]) : 0;
   if (len == 0 || len >= sizeof addr.sun_path) {
-    fprintf(stderr, "usage: load ADDRESS PID_A PID_B SHARE REQUESTS CONCURRENCY WARMUP SERVER_PID\n");
+    fprintf(stderr, "usage: load ADDRESS PID_A PID_B SHARE REQUESTS CONCURRENCY\n");
     return 2;
   }
   memcpy(addr.sun_path, argv[1], len);
   if (argv[1][0] == '@') addr.sun_path[0] = 0; /* Linux's abstract namespace */
   addr_len = offsetof(struct sockaddr_un, sun_path) + len + (argv[1][0] != '@');
   pid_a = atoi(argv[2]), pid_b = atoi(argv[3]), share = atoi(argv[4]);
-  total = atoi(argv[5]), warmup = atoi(argv[7]), server_pid = atoi(argv[8]);
+  total = atoi(argv[5]);
   int concurrency = atoi(argv[6]);
+  pthread_t threads[concurrency];
   latencies = calloc(total + 1, sizeof *latencies);
-  in_threads(concurrency, warm);
-  long ticks = cpu_ticks();
   double began = now_ms();
-  in_threads(concurrency, timed);
+  for (int t = 0; t < concurrency; t++)
+    pthread_create(&threads[t], NULL, client, NULL);
+  for (int t = 0; t < concurrency; t++) pthread_join(threads[t], NULL);
   double seconds = (now_ms() - began) / 1e3;
-  ticks = cpu_ticks() - ticks;
   qsort(latencies, total, sizeof *latencies, compare);
-  printf("{\"rps\":%.1f,\"p50Ms\":%.4f,\"p99Ms\":%.4f,\"ok\":%d,\"empty\":%d,"
-         "\"errors\":%d,\"cpuTicks\":%ld}\n",
-         total / seconds, percentile(50), percentile(99), counts[0], counts[1],
-         counts[2], ticks);
+  printf("{\"rps\":%.1f,\"p50\":%.4f,\"p99\":%.4f,\"ok\":%d,\"empty\":%d,"
+         "\"errors\":%d}\n", total / seconds, percentile(50), percentile(99),
+         counts[0], counts[1], counts[2]);
   return 0;
 }

@@ -7,6 +7,10 @@
  * port is free only when it binds on both protocols), so the check rate is
  * the most a picker on this runtime could reach.
  *
+ * `pick.ts getport N`, on Node, takes N ports from get-port (npm) alike and
+ * prints `{"rate": ports/s}`. get-port is a development dependency of the
+ * bench only, never of the library.
+ *
  * `pick.ts exhaust CAP` picks until NoFreePortFoundError (or CAP ports, when
  * CAP > 0) and prints `{"distinct", "exhausted", "seconds"}`.
  */
@@ -29,17 +33,17 @@ if (mode === "exhaust") {
   const ports = new Set<number>();
   let exhausted = false;
   const began = performance.now();
-  while (n === 0 || ports.size < n) {
-    try {
-      ports.add(await pickUnusedPort());
-    } catch (error) {
-      if (!(error instanceof NoFreePortFoundError)) throw error;
-      exhausted = true;
-      break;
-    }
+  try {
+    while (n === 0 || ports.size < n) ports.add(await pickUnusedPort());
+  } catch (error) {
+    if (!(error instanceof NoFreePortFoundError)) throw error;
+    exhausted = true;
   }
   const seconds = (performance.now() - began) / 1000;
   console.log(JSON.stringify({ distinct: ports.size, exhausted, seconds }));
+} else if (mode === "getport") {
+  const { default: getPort } = await import("get-port");
+  console.log(JSON.stringify({ rate: await rate(getPort) }));
 } else {
   const picks = await rate(pickUnusedPort);
   const port = await pickUnusedPort();

@@ -20,8 +20,9 @@ export const TARGETS_HEADER = "## Targets";
 export const OCCUPANCIES = [0, 50, 90];
 export const CONCURRENCIES = [1, 16];
 /** Ours runs on these two, and so does the trivial reply server. */
-const RUNTIMES = { deno: "Deno", bun: "Bun" };
-const PICKERS = {
+export const RUNTIMES = { deno: "Deno", bun: "Bun" };
+/** Each section's kinds of process, in the report's order, with their names. */
+export const PICKERS = {
   deno: "ours, `pickUnusedPort` on Deno",
   "deno-stable": "ours on Deno without `--unstable-net`",
   bun: "ours, `pickUnusedPort` on Bun",
@@ -29,12 +30,7 @@ const PICKERS = {
   python: "Python `portpicker.pick_unused_port`",
   getport: "`get-port` on Node",
 };
-const SERVERS = {
-  deno: "ours on Deno",
-  bun: "ours on Bun",
-  python: "Python `portserver`",
-};
-const MEMORY = {
+export const MEMORY: Record<string, string> = {
   deno: "ours on Deno",
   "deno-trivial": "trivial reply server on Deno",
   "deno-empty": "empty Deno (an idle script)",
@@ -43,32 +39,29 @@ const MEMORY = {
   "bun-empty": "empty Bun (an idle script)",
   python: "Python `portserver`",
 };
-const STARTUPS = {
+/** Section 3's servers, named as in MEMORY. */
+export const SERVERS = ["deno", "bun", "python"];
+/** Each one the command it names, but the binary, which the bench builds. */
+export const STARTUPS: Record<string, string> = {
   deno: "`deno run -A cli.ts`",
   bun: "`bun cli.ts`",
   node: "`node cli.ts`",
   binary: "compiled binary (`bun build --compile --minify --bytecode`)",
   python: "`python3 -m portpicker`",
 };
-/** The kinds of process each section runs, in the report's order. */
-export const KINDS = {
-  runtime: Object.keys(RUNTIMES),
-  pick: Object.keys(PICKERS),
-  server: Object.keys(SERVERS),
-  memory: Object.keys(MEMORY),
-  startup: Object.keys(STARTUPS),
-};
-/** The internal targets, each with its goal. */
-const TARGETS = {
+/** The internal targets: each one's goal, and what it means. */
+const GOAL = { pick: 2, python: 5, limit: 0.5, own: 0.8, binary: 2, rss: 1 };
+type Target = keyof typeof GOAL;
+const TARGETS: Record<Target, string> = {
   pick: "Picking at least 2× Python's rate on Deno and Bun",
   python:
     "Server at least 5× Python's requests per second at 16 clients (every occupancy, Deno and Bun)",
   limit:
     "Server at least 0.5× the trivial reply server on its runtime at 16 clients (every occupancy)",
   own: "Our server's rate at 90 % occupancy at least 0.8× its own rate at 0 %",
-  startup:
+  binary:
     "Compiled binary's start-up at most half of Python's (Python ÷ binary ≥ 2)",
-  memory:
+  rss:
     "Server's peak RSS with the pool handed out at most the trivial reply server's + 10 MiB ((trivial + 10 MiB) ÷ ours ≥ 1)",
 };
 
@@ -79,36 +72,32 @@ const TARGETS = {
  */
 export const timedRequests = (pool: number) => Math.floor(pool / 10);
 
-export interface Exhaustion {
-  distinct: number;
-  exhausted: boolean;
-  seconds: number;
-}
+type Exhaustion = { distinct: number; exhausted: boolean; seconds: number };
 
-export interface Results {
-  /** The sizes of the run: see run.ts. */
-  sizes: Record<
-    "reps" | "picks" | "exhaustCap" | "pool" | "memoryPool" | "startupReps",
-    number
-  >;
-  sections: Section[];
-  /** Samples by key (`pick/deno`, `server/bun/50/16/rps`...), one a run. */
-  samples: Map<string, number[]>;
-  exhaustion: Partial<Record<"ours" | "python", Exhaustion>>;
-  /** The servers' pools (`--pool`) in sections 3 and 5. */
-  pools: Partial<Record<"server" | "memory", string>>;
-  /** The facts of the report's header. */
-  machine: Record<"cores" | "cpu" | "date" | "commit" | "versions", string>;
-  /** The load average before and after; /proc's clock ticks per second. */
-  load: string[];
-  clockTicks: number;
-  /** Failures: each one leaves a figure missing or short of repetitions. */
-  errors: string[];
-  /** Anything odd that did not stop a figure, with how often it was seen. */
-  notes: Map<string, number>;
-  wallSeconds: number;
-  command: string;
+/** A run's results, empty: run.ts fills them in, and the report renders them. */
+export function emptyResults(sizes: Record<string, number>, command: string) {
+  return {
+    /** The sizes of the run (`reps`, `picks`...): see run.ts. */
+    sizes,
+    command,
+    /** Samples by key (`pick/deno`, `server/bun/50/16/rps`...), one a run. */
+    samples: new Map<string, number[]>(),
+    exhaustion: {} as Partial<Record<"ours" | "python", Exhaustion>>,
+    /** The servers' pools (`--pool`) in sections 3 and 5. */
+    pools: {} as Partial<Record<"server" | "memory", string>>,
+    /** The facts of the report's header. */
+    machine: { cores: "", cpu: "", date: "", commit: "", versions: "" },
+    /** The load average before and after; /proc's clock ticks per second. */
+    load: [] as string[],
+    clockTicks: 100,
+    /** Failures: each one leaves a figure missing or short of repetitions. */
+    errors: [] as string[],
+    /** Anything odd that did not stop a figure, with how often it was seen. */
+    notes: new Map<string, number>(),
+    wallSeconds: 0,
+  };
 }
+export type Results = ReturnType<typeof emptyResults>;
 
 const NONE = "—";
 const ratio = (a?: number, b?: number) =>
@@ -129,29 +118,27 @@ function table(header: string, rows: string[][]): string {
 }
 
 /** The run's medians by key, and the ratios that the report shows. */
-function figures({ samples, sizes, sections }: Results) {
+function figures({ samples, sizes }: Results) {
   const get = (key: string) => {
     const v = [...samples.get(key) ?? []].sort((a, b) => a - b);
     const m = Math.floor(v.length / 2);
     if (v.length > 0) return v.length % 2 ? v[m] : (v[m - 1] + v[m]) / 2;
   };
-  const server = (s: string, o: number, c: number, what = "rps") =>
+  /** A server's median in a cell: its rate, or `what` (p50, p99, cpu). */
+  const rps = (s: string, o: number, c = 16, what = "rps") =>
     get(`server/${s}/${o}/${c}/${what}`);
   const full = (m: string) => get(`memory/${m}/full`);
-  const rps = (s: string, o: number, c = 16) => server(s, o, c);
   return {
     get,
-    server,
+    rps,
     full,
     /** A row's name, with " (n of R runs)" when some repetitions failed. */
     name: (name: string, key: string, of = sizes.reps) => {
       const n = samples.get(key)?.length ?? 0;
       return n === of ? name : `${name} (${n} of ${of} runs)`;
     },
-    has: (section: Section) => sections.includes(section),
     pick: (p: string) => ratio(get(`pick/${p}`), get("pick/python")),
-    python: (s: string, o: number, c = 16) =>
-      ratio(rps(s, o, c), rps("python", o, c)),
+    python: (s: string, o: number) => ratio(rps(s, o), rps("python", o)),
     own: (s: string, c: number) => ratio(rps(s, 90, c), rps(s, 0, c)),
     limit: (r: string, o: number) => ratio(rps(r, o), rps(`${r}-trivial`, 0)),
     startup: (s: string) => ratio(get("startup/python"), get(`startup/${s}`)),
@@ -160,88 +147,66 @@ function figures({ samples, sizes, sections }: Results) {
   };
 }
 type Figures = ReturnType<typeof figures>;
-type Part = [string, number?];
 
-/** The internal targets: each met when every figure is at least its goal. */
-function targets(f: Figures): string[] {
-  const out: string[] = [];
-  type Target = keyof typeof TARGETS;
-  const judge = (target: Target, goal: number, parts: Part[], more = "") => {
-    const measured = parts.map(([name, v]) => `${name} ${times(v)}`).join(", ");
-    const verdict = parts.some(([, v]) => v === undefined || isNaN(v))
-      ? "NOT MEASURED"
-      : parts.every(([, v]) => v! >= goal)
-      ? "MET"
-      : "NOT MET";
-    out.push(`- **${verdict}**: ${TARGETS[target]}: ${measured}${more}.`);
-  };
-  const each = (fn: (r: string, x: number) => number | undefined, c = false) =>
-    Object.entries(RUNTIMES).flatMap(([r, name]) =>
-      (c ? CONCURRENCIES : OCCUPANCIES).map((x): Part => {
-        const unit = !c ? " %" : x > 1 ? " clients" : " client";
-        return [`${name} ${x}${unit}`, fn(r, x)];
-      })
-    );
-  if (f.has("pick")) {
-    judge("pick", 2, [["Deno", f.pick("deno")], ["Bun", f.pick("bun")]]);
-  }
-  if (f.has("server")) {
-    judge("python", 5, each((r, o) => f.python(r, o)));
-    judge("limit", 0.5, each(f.limit));
-    judge("own", 0.8, each(f.own, true));
-  }
-  if (f.has("startup")) {
-    const [binary, python] = ["binary", "python"]
-      .map((s) => fixed(f.get(`startup/${s}`), 1));
-    const ms = ` (binary ${binary} ms, Python ${python} ms)`;
-    judge("startup", 2, [["Python ÷ binary", f.startup("binary")]], ms);
-  }
-  if (f.has("memory")) {
-    judge("memory", 1, [["Deno", f.rss("deno")], ["Bun", f.rss("bun")]]);
-  }
-  return out;
-}
-
-/** The chart's bars: every ratio turned so that above 1× means ours is better. */
-export function bars(results: Results): Bar[] {
+/**
+ * The headline ratios, each turned so that above 1× means ours is better: the
+ * chart's bars, and the internal targets, each one met when every one of its
+ * parts is at least its goal.
+ */
+export function headlines(results: Results) {
   const f = figures(results);
-  const out: Bar[] = [];
-  const bar = (label: string, value?: number, target?: number) =>
-    out.push({ label, value, target });
+  const bars: Bar[] = [];
+  const parts = new Map<Target, [string, number?][]>();
+  /** A bar, unless `label` is empty; with a target, its part named `part`. */
+  const add = (label: string, value?: number, target?: Target, part = "") => {
+    if (label) bars.push({ label, value, target: target && GOAL[target] });
+    if (target) parts.set(target, [...parts.get(target) ?? [], [part, value]]);
+  };
   const runtimes = Object.entries(RUNTIMES);
-  if (f.has("pick")) {
-    bar("Picking rate: Deno ÷ Python", f.pick("deno"), 2);
-    bar("Picking rate: Bun ÷ Python", f.pick("bun"), 2);
-    bar("Picking rate: Node ÷ Python", f.pick("node"));
-    bar("Picking: Deno without --unstable-net ÷ Python", f.pick("deno-stable"));
-  }
+  add("Picking rate: Deno ÷ Python", f.pick("deno"), "pick", "Deno");
+  add("Picking rate: Bun ÷ Python", f.pick("bun"), "pick", "Bun");
+  add("Picking rate: Node ÷ Python", f.pick("node"));
+  add("Picking: Deno without --unstable-net ÷ Python", f.pick("deno-stable"));
   const { ours, python } = results.exhaustion;
   // A capped run (--tiny) says nothing about the ratio.
-  if (f.has("exhaust") && ours?.exhausted && python?.exhausted) {
-    bar("Ports before failure: ours ÷ Python", ours.distinct / python.distinct);
+  if (ours?.exhausted && python?.exhausted) {
+    add("Ports before failure: ours ÷ Python", ours.distinct / python.distinct);
   }
-  for (const o of f.has("server") ? OCCUPANCIES : []) {
+  for (const o of OCCUPANCIES) {
     for (const [r, name] of runtimes) {
-      const label = `Server, 16 clients, ${o} % held: ${name} ÷ Python`;
-      bar(label, f.python(r, o), 5);
-      bar(`Same, ${name} ÷ trivial reply server`, f.limit(r, o), 0.5);
+      const [label, part] = [`${o} % held: ${name} ÷ Python`, `${name} ${o} %`];
+      add(`Server, 16 clients, ${label}`, f.python(r, o), "python", part);
+      const same = `Same, ${name} ÷ trivial reply server`;
+      add(same, f.limit(r, o), "limit", part);
     }
   }
-  for (const [r, name] of f.has("server") ? runtimes : []) {
-    bar(`Server, 16 clients, ${name}: own 90 % ÷ 0 % held`, f.own(r, 16), 0.8);
+  for (const [r, name] of runtimes) {
+    add("", f.own(r, 1), "own", `${name} 1 client`);
+    const label = `Server, 16 clients, ${name}: own 90 % ÷ 0 % held`;
+    add(label, f.own(r, 16), "own", `${name} 16 clients`);
   }
-  if (f.has("startup")) {
-    for (const [s, name] of [...runtimes, ["node", "Node"]]) {
-      bar(`Start-up: Python ÷ ${name}`, f.startup(s));
-    }
-    bar("Start-up: Python ÷ compiled binary", f.startup("binary"), 2);
+  for (const [s, name] of [...runtimes, ["node", "Node"]]) {
+    add(`Start-up: Python ÷ ${name}`, f.startup(s));
   }
-  for (const [r, name] of f.has("memory") ? runtimes : []) {
+  const ms = (s: string) => fixed(f.get(`startup/${s}`), 1);
+  const both = `binary ${ms("binary")} ms, Python ${ms("python")} ms`;
+  const binary = "Start-up: Python ÷ compiled binary";
+  add(binary, f.startup("binary"), "binary", `${both}: Python ÷ binary`);
+  for (const [r, name] of runtimes) {
     const python = ratio(f.full("python"), f.full(r));
-    bar(`Peak RSS, pool handed out: Python ÷ ${name}`, python);
-    bar(`Same, (trivial + 10 MiB) ÷ ${name}`, f.rss(r), 1);
+    add(`Peak RSS, pool handed out: Python ÷ ${name}`, python);
+    add(`Same, (trivial + 10 MiB) ÷ ${name}`, f.rss(r), "rss", name);
   }
-  return out;
+  const targets = [...parts].map(([target, values]) => {
+    const measured = values.map(([name, v]) => `${name} ${times(v)}`);
+    const verdict = values.some(([, v]) => v === undefined || isNaN(v))
+      ? "NOT MEASURED"
+      : values.every(([, v]) => v! >= GOAL[target])
+      ? "MET"
+      : "NOT MET";
+    return `- **${verdict}**: ${TARGETS[target]}: ${measured.join(", ")}.`;
+  });
+  return { bars, targets };
 }
 
 /** Each section's paragraphs and tables. */
@@ -255,13 +220,12 @@ const TEXT: Record<Section, (results: Results, f: Figures) => string[]> = {
       const cells = [thousands(rate), ours(f.pick(p)), ours(getport)];
       return [f.name(name, `pick/${p}`), ...cells, thousands(checks), ceiling];
     });
+    const head =
+      "picker | ports/s | ours ÷ Python | ours ÷ get-port | checks/s | checks ÷ Python's ports/s";
     return [
       `Ports per second, no port server: ${n} picks in one process after 20 warm-up picks, the process timing itself (start-up excluded). Ratios: ours ÷ theirs, above 1 means ours picks faster. Ours runs as \`deno run -A --unstable-net\`, \`bun\` and \`node\`; the row without \`--unstable-net\` is what a JSR user gets with \`deno test --allow-net\` (here \`deno run --allow-net --allow-env --allow-read --no-config\`): the UDP half of each check goes through \`node:dgram\` instead of \`Deno.listenDatagram\`.`,
       `Checks per second: the same process then checks one free port ${n} times (\`isPortFree\`, Python's \`is_port_free\`). Every pick needs at least one check, since a port is free only when it binds on both TCP and UDP, so a runtime's check rate is the most its picker could reach; the last column is that ceiling ÷ Python's picking rate. Ours binds once a protocol where the host is dual-stack, Python once a protocol and family.`,
-      table(
-        "picker | ports/s | ours ÷ Python | ours ÷ get-port | checks/s | checks ÷ Python's ports/s",
-        rows,
-      ),
+      table(head, rows),
     ];
   },
   exhaust({ exhaustion: { ours, python }, sizes: { exhaustCap: cap } }) {
@@ -288,15 +252,18 @@ const TEXT: Record<Section, (results: Results, f: Figures) => string[]> = {
     const timed = thousands(timedRequests(sizes.pool));
     const [ranges, tick] = [poolText(pools.server), 1000 / clockTicks];
     const cells = OCCUPANCIES.flatMap((o) => CONCURRENCIES.map((c) => [o, c]));
-    const [servers, runtimes] = [Object.keys(SERVERS), Object.keys(RUNTIMES)];
-    const rows = (cell: (o: number, c: number) => string[]) =>
-      cells.map(([o, c]) => [`${o} %`, String(c), ...cell(o, c)]);
+    const runtimes = Object.keys(RUNTIMES);
+    /** A row per cell, whose figures `at` gives (as `f.rps` for the cell). */
+    type At = (s: string, what?: string) => number | undefined;
+    const rows = (cell: (at: At, key: string) => string[]) =>
+      cells.map(([o, c]) => {
+        const at: At = (s, what) => f.rps(s, o, c, what);
+        return [`${o} %`, String(c), ...cell(at, `${o}/${c}/rps`)];
+      });
     const head = "held | clients | ours, Deno | ours, Bun | Python";
-    const count = (s: string, o: number, c: number) =>
-      f.name(thousands(f.server(s, o, c)), `server/${s}/${o}/${c}/rps`);
-    const rps = rows((o, c) => [
-      ...servers.map((s) => count(s, o, c)),
-      ...runtimes.map((r) => times(f.python(r, o, c))),
+    const rps = rows((at, key) => [
+      ...SERVERS.map((s) => f.name(thousands(at(s)), `server/${s}/${key}`)),
+      ...runtimes.map((r) => times(ratio(at(r), at("python")))),
     ]);
     const limits = Object.entries(RUNTIMES).map(([r, name]) => {
       const key = `server/${r}-trivial/0/16`;
@@ -305,28 +272,24 @@ const TEXT: Record<Section, (results: Results, f: Figures) => string[]> = {
       const ours = OCCUPANCIES.map((o) => times(f.limit(r, o)));
       return [f.name(name, `${key}/rps`), thousands(rps), busy, ...ours];
     });
-    const ms = (s: string, o: number, c: number, what: string) =>
-      fixed(f.server(s, o, c, what), 2);
-    const latency = rows((o, c) =>
-      servers.map((s) => `${ms(s, o, c, "p50")} / ${ms(s, o, c, "p99")}`)
-    );
-    const cpu = (s: string, o: number, c: number) => f.server(s, o, c, "cpu");
-    const costs = rows((o, c) => [
-      ...servers.map((s) => fixed(cpu(s, o, c), 0)),
-      ...runtimes.map((r) => times(ratio(cpu("python", o, c), cpu(r, o, c)))),
+    const limit =
+      "runtime | trivial server, requests/s | its CPU, % | ours ÷ trivial, 0 % held | 50 % held | 90 % held";
+    const ms = (at: At, s: string) =>
+      ["p50", "p99"].map((p) => fixed(at(s, p), 2)).join(" / ");
+    const latency = rows((at) => SERVERS.map((s) => ms(at, s)));
+    const costs = rows((at) => [
+      ...SERVERS.map((s) => fixed(at(s, "cpu"), 0)),
+      ...runtimes.map((r) => times(ratio(at("python", "cpu"), at(r, "cpu")))),
     ]);
-    const own = Object.entries(SERVERS)
-      .map(([s, name]) => [name, times(f.own(s, 1)), times(f.own(s, 16))]);
+    const own = SERVERS
+      .map((s) => [MEMORY[s], times(f.own(s, 1)), times(f.own(s, 16))]);
     return [
       `Each cell: a fresh server with a pool of ${pool} ports (${ranges}); two live processes A and B fill the whole pool, A taking the held share, interleaved with B's ports through the rotation (request i goes to A when i mod 10 < held ÷ 10); B is killed, so its ports are reclaimable while A's are not; then the load client asks for ${timed} ports (B's share at 90 % held, the same in every cell) for a third live process at 1 or 16 concurrent clients, after 100 untimed requests for pid 1, which every server refuses without touching its pool. The load client, the same for every server, is \`bench/load.c\`, compiled with gcc when the bench starts: one thread a client, one connection a request (the pid and a newline, then the reply read to its end).`,
       "Requests per second (ours ÷ Python: above 1 means ours serves faster):",
       table(`${head} | Deno ÷ Python | Bun ÷ Python`, rps),
       "The runtime's own limit: a trivial reply server (`bench/trivial.ts`: it reads a line and replies `15000\\n` through `Deno.listen` or `Bun.listen`, on the same kind of socket, an abstract Unix socket, and imports nothing), fresh in each run and timed as the cells above at 16 clients. Ours ÷ trivial: 1 would mean that a port costs nothing over the runtime's own round trip.",
       "That rate is also the load client's own rate, the most it can measure: every rate of ours below it was not held back by the client. The trivial server's CPU time over those requests ÷ their wall time (100 %: one core busy) shows whether the server, not the client, set the pace.",
-      table(
-        "runtime | trivial server, requests/s | its CPU, % | ours ÷ trivial, 0 % held | 50 % held | 90 % held",
-        limits,
-      ),
+      table(limit, limits),
       "Latency, p50 / p99, in milliseconds:",
       table(head, latency),
       `The server's CPU time (user and system, from /proc) per request, in µs: the server's own cost, whatever the load client's. Python ÷ ours: above 1 means ours costs less. (/proc counts in clock ticks of ${tick} ms: a few ticks per run make a rough figure.)`,
@@ -356,12 +319,11 @@ const TEXT: Record<Section, (results: Results, f: Figures) => string[]> = {
       const name_ = f.name(name, `memory/${m}/start`);
       return [name_, mib(start), mib(full), over, times(python)];
     });
+    const head =
+      "process | after start, MiB | pool handed out, MiB | over the empty runtime, MiB | ours ÷ Python";
     return [
       `Peak resident set size (VmHWM) of each server with a pool of ${n} ports (${ranges}): once it serves, and after it has handed out every port of the pool to a live process (${n} replies, for the trivial reply server); and the runtime's empty baseline: the same runtime, with the same flags, running a script that only prints a line and waits. Over the empty runtime: the peak RSS with the pool handed out − the empty runtime's. Ours ÷ Python: below 1 means ours uses less memory.`,
-      table(
-        "process | after start, MiB | pool handed out, MiB | over the empty runtime, MiB | ours ÷ Python",
-        rows,
-      ),
+      table(head, rows),
     ];
   },
 };
@@ -379,7 +341,6 @@ export function renderMarkdown(results: Results): string {
   const { machine: m, load: [before, after], sizes: { reps } } = results;
   const [seconds, s] = [results.wallSeconds.toFixed(0), reps === 1 ? "" : "s"];
   const f = figures(results);
-  const list = targets(f);
   const code = (text: string) =>
     "`" + text.replace(/\s+/g, " ").replaceAll("`", "'").trim() + "`";
   const times = (n: number) => n > 1 ? ` (in ${n} runs)` : "";
@@ -392,10 +353,10 @@ export function renderMarkdown(results: Results): string {
     `Run on ${m.date} with \`${results.command}\`, in ${seconds} s. Machine: **${m.cores} cores** (\`nproc\`), ${m.cpu}; load average ${before} before, ${after} after. Commit ${m.commit}.`,
     `Versions: ${m.versions}.`,
     `Every figure is the median of ${reps} repetition${s}, each in a fresh process, unless a section says otherwise.`,
-    ...results.sections.flatMap((x) => [HEADERS[x], ...TEXT[x](results, f)]),
+    ...SECTIONS.flatMap((x) => [HEADERS[x], ...TEXT[x](results, f)]),
     TARGETS_HEADER,
     `On this machine's ${m.cores} cores; ratios against Python, get-port and the runtime's own limit (the trivial reply server):`,
-    list.length ? list.join("\n") : "- No target was measured in this run.",
+    headlines(results).targets.join("\n"),
     ...notes.length ? ["## Notes", notes.join("\n")] : [],
   ].join("\n\n") + "\n";
 }

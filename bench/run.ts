@@ -5,11 +5,10 @@
  * DIR/results.md and DIR/chart.svg, and prints the markdown.
  *
  * Usage: deno task bench
- *        deno run -A bench/run.ts [--tiny] [--out DIR] [--only a,b]
+ *        deno run -A bench/run.ts [--tiny] [--out DIR]
  *
  *   --tiny      tiny sizes, one repetition: checks that the bench runs
  *   --out DIR   where to write results.md and chart.svg (default: bench/)
- *   --only a,b  only these sections: pick, exhaust, server, startup, memory
  *
  * Written with node: APIs, so it also runs on Bun and Node; uses only the
  * library's public API and its CLI. Exits 1 when a figure could not be
@@ -26,7 +25,7 @@ import { parseArgs } from "node:util";
 import { DEFAULT_RANGE, isPortFree } from "../mod.ts";
 import { renderChart } from "./chart.ts";
 import * as report from "./report.ts";
-import { KINDS } from "./report.ts";
+import { MEMORY, PICKERS, RUNTIMES, SERVERS, STARTUPS } from "./report.ts";
 import type { Results, Section } from "./report.ts";
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..");
@@ -34,13 +33,11 @@ const { values } = parseArgs({
   options: {
     tiny: { type: "boolean", default: false },
     out: { type: "string", default: join(ROOT, "bench") },
-    only: { type: "string", default: report.SECTIONS.join(",") },
   },
 });
 const [reps, picks, exhaustCap, pool, memoryPool, startupReps] = values.tiny
   ? [1, 50, 300, 200, 500, 2]
   : [5, 2000, 0, 10_000, 10_000, 10];
-const only = values.only.split(",");
 const sizes = { reps, picks, exhaustCap, pool, memoryPool, startupReps };
 /** Untimed requests before each timed run: client and server code are warm. */
 const WARM_UP = 100;
@@ -80,13 +77,11 @@ else:
     print(json.dumps({"distinct": len(ports), "exhausted": exhausted,
                       "seconds": time.perf_counter() - began}))
 `;
+const PYTHON = [TOOLS.python3, "-c", PYTHON_PICK];
 
 /** Each server's command, given its address and pool. */
 const IDLE = join(tmp, "idle.js");
-fs.writeFileSync(
-  IDLE,
-  `console.log("Serving on nothing"); setInterval(() => {}, 1e9);`,
-);
+fs.writeFileSync(IDLE, 'console.log("Serving on"); setTimeout(() => {}, 1e9);');
 const SERVE: Record<string, (address: string, pool: string) => string[]> = {
   deno: (a, p) =>
     sh(`deno run -A --unstable-net cli.ts serve --pool ${p} --address ${a}`),
@@ -100,20 +95,8 @@ const SERVE: Record<string, (address: string, pool: string) => string[]> = {
   "bun-empty": () => sh(`bun ${IDLE}`),
 };
 
-const results: Results = {
-  sizes,
-  sections: report.SECTIONS.filter((s) => only.includes(s)),
-  samples: new Map(),
-  exhaustion: {},
-  pools: {},
-  machine: { cores: "", cpu: "", date: "", commit: "", versions: "" },
-  load: [],
-  clockTicks: 100,
-  errors: [],
-  notes: new Map(),
-  wallSeconds: 0,
-  command: ["bench/run.ts", ...process.argv.slice(2)].join(" "),
-};
+const command = ["bench/run.ts", ...process.argv.slice(2)].join(" ");
+const results = report.emptyResults(sizes, command);
 const log = (line: string) => process.stderr.write(`bench: ${line}\n`);
 const add = (key: string, value: number) =>
   results.samples.set(key, [...results.samples.get(key) ?? [], value]);
@@ -183,6 +166,13 @@ function peakRssKiB(pid: number): number {
   const status = fs.readFileSync(`/proc/${pid}/status`, "utf8");
   return Number(/^VmHWM:\s+(\d+) kB$/m.exec(status)?.[1] ?? NaN);
 }
+/** The CPU time of a live process, user and system, in clock ticks. */
+function cpuTicks(pid: number): number {
+  const stat = fs.readFileSync(`/proc/${pid}/stat`, "utf8");
+  // Fields 14 and 15 of stat(5), counted after the command's closing ")".
+  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  return Number(fields[11]) + Number(fields[12]);
+}
 
 // ---------------------------------------------------------------------------
 // Measurements.
@@ -232,20 +222,13 @@ async function freePool(key: "server" | "memory", size: number, from: number) {
   return results.pools[key];
 }
 
-interface Server {
-  pid: number;
-  address: string;
-  /** Its kind, and the cell it serves (`deno/50/16`). */
-  name: string;
-  /** The last lines of its log, for an error message. */
-  log(): string;
-}
+/** A server that serves: its name is its kind and cell (`deno/50/16`). */
+type Server = { pid: number; address: string; name: string; log(): string };
 let addresses = 0;
 
 /** Runs `body` on a fresh server of each kind, once it serves; then stops it. */
 function served(spec: string, cell: string, body: (s: Server) => unknown) {
   return async (kind: string) => {
-    const name = kind + cell;
     const address = `@portpicker-bench-${process.pid}-${++addresses}`;
     const logFile = join(tmp, `${address.slice(1)}.log`);
     const command = SERVE[kind](address, spec);
@@ -259,7 +242,7 @@ function served(spec: string, cell: string, body: (s: Server) => unknown) {
         if (why) throw new Error(`${why} before serving: ${log()}`);
         await new Promise((resolve) => setTimeout(resolve, 10));
       }
-      await body({ pid, address, log, name });
+      await body({ pid, address, log, name: kind + cell });
     } finally {
       await stop();
     }
@@ -275,7 +258,7 @@ const load = (s: Server, args: number[]) =>
  * untimed. A few may be in use by something else on the machine: noted.
  */
 async function fill(s: Server, [a, b = a]: number[], share: number, n: number) {
-  const r = await load(s, [a, b, share, n, 16, 0, 0]);
+  const r = await load(s, [a, b, share, n, 16]);
   const [missing, replies] = [n - r.ok, `${r.empty} empty replies`];
   const lost = `${s.name}: ${missing} of the pool's ${n} ports not handed out`;
   if (r.ok < n * 0.98) {
@@ -285,21 +268,22 @@ async function fill(s: Server, [a, b = a]: number[], share: number, n: number) {
 }
 
 /**
- * The timed run, for `owner` at `clients` clients: the rate and latencies from
- * the client, and the server's CPU time per request from /proc (the server's
- * own cost, whatever the client's).
+ * The timed run, for `owner` at `clients` clients, after WARM_UP requests for
+ * pid 1, which every server refuses: the rate and latencies from the client,
+ * and the server's CPU time per request from /proc (the server's own cost,
+ * whatever the client's).
  */
 async function measure(s: Server, owner: number, clients: number) {
   const key = `server/${s.name}`;
   const n = report.timedRequests(pool);
-  const r = await load(s, [owner, owner, 100, n, clients, WARM_UP, s.pid]);
+  await load(s, [1, 1, 100, WARM_UP, clients]);
+  const ticks = cpuTicks(s.pid);
+  const r = await load(s, [owner, owner, 100, n, clients]);
+  r.cpu = (cpuTicks(s.pid) - ticks) / results.clockTicks * 1e6 / n; // µs
   if (r.ok === 0) throw new Error(`no port in ${n} requests; ${s.log()}`);
   const lost = `${n - r.ok} of ${n} timed requests got no port`;
   if (r.ok < n) note(`${s.name}: ${lost} (${r.errors} errors).`);
-  add(`${key}/rps`, r.rps);
-  add(`${key}/p50`, r.p50Ms);
-  add(`${key}/p99`, r.p99Ms);
-  add(`${key}/cpu`, r.cpuTicks / results.clockTicks * 1e6 / n);
+  for (const x of ["rps", "p50", "p99", "cpu"]) add(`${key}/${x}`, r[x]);
 }
 
 const BENCHES: Record<Section, () => Promise<void>> = {
@@ -310,10 +294,10 @@ const BENCHES: Record<Section, () => Promise<void>> = {
       "deno-stable": sh(`${DENO_STABLE} bench/pick.ts ${picks}`),
       bun: sh(`bun bench/pick.ts ${picks}`),
       node: sh(`node bench/pick.ts ${picks}`),
-      python: [TOOLS.python3, "-c", PYTHON_PICK, "pick", String(picks)],
-      getport: sh(`node bench/getport.mjs ${picks}`),
+      python: [...PYTHON, "pick", String(picks)],
+      getport: sh(`node bench/pick.ts getport ${picks}`),
     };
-    await repeat("picking", reps, KINDS.pick, async (p) => {
+    await repeat("picking", reps, Object.keys(PICKERS), async (p) => {
       const r = await runJson<Record<string, number>>(commands[p]);
       add(`pick/${p}`, r.rate);
       if (r.checkRate !== undefined) add(`check/${p}`, r.checkRate);
@@ -326,9 +310,9 @@ const BENCHES: Record<Section, () => Promise<void>> = {
     await attempt("exhaustion, ours", async () => {
       exhaustion.ours = await runJson(sh(`${DENO_PICK} exhaust ${exhaustCap}`));
     });
+    const python = [...PYTHON, "exhaust", String(exhaustCap)];
     await attempt("exhaustion, Python", async () => {
-      const command = [TOOLS.python3, "-c", PYTHON_PICK, "exhaust"];
-      exhaustion.python = await runJson([...command, String(exhaustCap)]);
+      exhaustion.python = await runJson(python);
     });
   },
 
@@ -342,7 +326,7 @@ const BENCHES: Record<Section, () => Promise<void>> = {
     const spec = await freePool("server", pool, 5000);
     if (spec === undefined) return;
     const [a, c] = [sleeper(), sleeper()];
-    const trivial = KINDS.runtime.map((r) => `${r}-trivial`);
+    const trivial = Object.keys(RUNTIMES).map((r) => `${r}-trivial`);
     for (let rep = 1; rep <= reps; rep++) {
       for (const o of report.OCCUPANCIES) {
         for (const n of report.CONCURRENCIES) {
@@ -353,7 +337,7 @@ const BENCHES: Record<Section, () => Promise<void>> = {
             await measure(s, c.pid, n);
           });
           const what = `server, ${o} % held, ${n} clients`;
-          await repeat(what, 1, KINDS.server, cell);
+          await repeat(what, 1, SERVERS, cell);
         }
       }
       const limit = served("", "/0/16", (s) => measure(s, c.pid, 16));
@@ -365,31 +349,25 @@ const BENCHES: Record<Section, () => Promise<void>> = {
   /** 4. Start-up of a command that prints one port. */
   async startup() {
     const binary = join(tmp, "portpicker");
-    const commands: Record<string, string[]> = {
-      deno: sh("deno run -A cli.ts"),
-      bun: sh("bun cli.ts"),
-      node: sh("node cli.ts"),
-      binary: [binary], // Built here; left out when the build fails.
-      python: sh("python3 -m portpicker"),
-    };
     await attempt("start-up, bun build --compile", async () => {
       const flags = "--compile --minify --bytecode --format=esm cli.ts";
       const r = await run(sh(`bun build ${flags} --outfile ${binary}`));
       if (r.code !== 0) throw new Error(lastLines(r.stderr + r.stdout));
     });
     const startup = async (s: string) => {
+      // Each row's name is its command in backquotes, but the binary's.
+      const command = s === "binary" ? [binary] : sh(STARTUPS[s].slice(1, -1));
       // Python's cwd must not shadow its portpicker module.
-      const command = [...commands[s], String(process.pid)];
-      const r = await run(command, 60_000, s === "python" ? tmp : ROOT);
+      const cwd = s === "python" ? tmp : ROOT;
+      const r = await run([...command, String(process.pid)], 60_000, cwd);
       if (r.code === 0 && /^\d+\n$/.test(r.stdout)) return r.wallMs;
       const why = `exit ${r.code}, printed ${JSON.stringify(r.stdout)}`;
       throw new Error(`${why}: ${lastLines(r.stderr)}`);
     };
-    // One untimed run each: caches (Deno's transpiled modules, the page
-    // cache) are warm for all of them alike.
-    const kinds = KINDS.startup.filter((s) =>
-      s !== "binary" || fs.existsSync(binary)
-    );
+    // Left out when the build failed. One untimed run each: caches (Deno's
+    // transpiled modules, the page cache) are warm for all of them alike.
+    const built = fs.existsSync(binary);
+    const kinds = Object.keys(STARTUPS).filter((s) => built || s !== "binary");
     await repeat("start-up, warm-up", 1, kinds, startup);
     await repeat("start-up", startupReps, kinds, async (s) => {
       add(`startup/${s}`, await startup(s));
@@ -407,7 +385,7 @@ const BENCHES: Record<Section, () => Promise<void>> = {
       await fill(s, [owner.pid], 100, memoryPool);
       add(`memory/${s.name}/full`, peakRssKiB(s.pid));
     });
-    await repeat("memory", reps, KINDS.memory, memory);
+    await repeat("memory", reps, Object.keys(MEMORY), memory);
     await owner.stop();
   },
 };
@@ -447,15 +425,13 @@ async function machine(): Promise<Results["machine"]> {
 }
 
 async function main(): Promise<number> {
-  const unknown = only.filter((s) => !(s in report.HEADERS));
-  if (unknown.length > 0) throw new Error(`unknown sections: ${unknown}`);
   const began = performance.now();
   const loadavg = () => os.loadavg().map((v) => v.toFixed(2)).join(" ");
   results.load.push(loadavg());
   results.machine = await machine();
   // The load client, compiled here: it must outpace every server it drives.
   const gcc = await run(sh(`gcc -O2 -Wall -pthread -o ${LOAD} bench/load.c`));
-  for (const section of results.sections) {
+  for (const section of report.SECTIONS) {
     log(`section ${section}`);
     if (gcc.code === 0 || section !== "server" && section !== "memory") {
       await BENCHES[section]();
@@ -463,16 +439,13 @@ async function main(): Promise<number> {
   }
   results.load.push(loadavg());
   results.wallSeconds = (performance.now() - began) / 1000;
-  const { cores, date } = results.machine;
   const out = resolve(values.out);
   const [md, svg] = ["results.md", "chart.svg"].map((f) => join(out, f));
   fs.mkdirSync(out, { recursive: true });
   fs.writeFileSync(md, report.renderMarkdown(results));
-  const title = "portpicker (TypeScript) against Python's portpicker";
-  const day = date.slice(0, 10);
-  const subtitle =
-    `Above 1×, ours is better. Server: requests per second. ${cores} cores, ${day}.`;
-  fs.writeFileSync(svg, renderChart(report.bars(results), title, subtitle));
+  const { cores, date } = results.machine;
+  const day = `${cores} cores, ${date.slice(0, 10)}`;
+  fs.writeFileSync(svg, renderChart(report.headlines(results).bars, day));
   // As `deno fmt` writes them: the committed results pass `deno fmt --check`.
   const fmt = await run(sh(`deno fmt ${md} ${svg}`));
   if (fmt.code !== 0) log(`deno fmt failed: ${lastLines(fmt.stderr)}`);

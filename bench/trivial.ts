@@ -7,21 +7,13 @@
  * Usage: trivial.ts @name
  */
 
-interface BunSocket {
-  end(data: string): void;
-}
-type OnData = (socket: BunSocket, chunk: Uint8Array) => void;
-const bun = (globalThis as {
-  Bun?: {
-    argv: string[];
-    listen(o: { unix: string; socket: { data: OnData } }): unknown;
-  };
-}).Bun;
-
-const address = bun ? bun.argv[2] : Deno.args[0];
+// deno-lint-ignore no-explicit-any
+const bun = (globalThis as any).Bun;
+const address: string = bun ? bun.argv[2] : Deno.args[0];
 const path = `\0${address.slice(1)}`;
 const reply = new TextEncoder().encode("15000\n");
 
+/** On Deno: reads to the first newline, then replies and closes. */
 async function serve(conn: Deno.UnixConn): Promise<void> {
   const buffer = new Uint8Array(64);
   try {
@@ -35,13 +27,11 @@ async function serve(conn: Deno.UnixConn): Promise<void> {
   conn.close();
 }
 
-if (bun) {
-  const data: OnData = (s, chunk) => chunk.includes(10) && s.end("15000\n");
-  bun.listen({ unix: path, socket: { data } });
-} else {
-  const listener = Deno.listen({ transport: "unix", path });
-  (async () => {
-    for await (const conn of listener) serve(conn);
-  })();
-}
+type BunSocket = { end(data: string): void };
+const data = (s: BunSocket, chunk: Uint8Array) =>
+  chunk.includes(10) && s.end("15000\n");
+const listener = bun
+  ? bun.listen({ unix: path, socket: { data } })
+  : Deno.listen({ transport: "unix", path });
 console.log(`Serving on ${address}`);
+if (!bun) { for await (const conn of listener) serve(conn); }
