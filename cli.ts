@@ -549,6 +549,7 @@ function parseLabel(text: string): string {
 /** What this file uses of Node's `process` (Bun has it too). */
 interface NodeProcess {
   argv: string[];
+  getBuiltinModule(name: "node:fs"): typeof import("node:fs");
   execArgv: string[];
   execPath: string;
   ppid: number;
@@ -613,6 +614,22 @@ function untilSignal(
     }
   });
   return Object.assign(signalled, { cancel });
+}
+
+/**
+ * Whether this module is the program: `import.meta.main`, which Node has
+ * only since 22.18; before, whether argv[1] names this file.
+ */
+function isMain(): boolean {
+  if (typeof import.meta.main === "boolean") return import.meta.main;
+  let script = node?.argv[1];
+  if (!script) return false;
+  try {
+    // npm's bin links point at the file; the module's URL is the file's own.
+    script = node!.getBuiltinModule("node:fs").realpathSync(script);
+  } catch { /* as given */ }
+  const here = decodeURIComponent(new URL(import.meta.url).pathname);
+  return here === script || here.replace(/\.[cm]?[jt]s$/, "") === script;
 }
 
 /** How to start this program again: the runtime, its flags and the script. */
@@ -692,7 +709,7 @@ async function spawnDetached(
   return answer;
 }
 
-if (import.meta.main) {
+if (isMain()) {
   const status = await main(deno ? deno.args : node!.argv.slice(2));
   // On success, let pending work (a port given back) finish on its own.
   if (status !== 0) exit(status);

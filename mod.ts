@@ -1587,7 +1587,7 @@ const files = {
 
 /** Runs `fn` when the process exits normally. */
 function atExit(fn: () => void): void {
-  if (deno) globalThis.addEventListener("unload", fn);
+  if (deno) host.addEventListener("unload", fn);
   else node!.on("exit", fn);
 }
 

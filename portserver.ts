@@ -49,7 +49,7 @@ export const DEFAULT_POOL: readonly (readonly [number, number])[] = [[
   24999,
 ]];
 /** The largest state file read at start: a full pool with labels needs 11 MiB. */
-export const MAX_STATE_BYTES = 16 * 1024 * 1024;
+export const MAX_STATE_BYTES: number = 16 * 1024 * 1024;
 
 /** Options of {@linkcode startPortServer}. */
 export interface PortServerOptions {

@@ -2,7 +2,7 @@
  * The features beyond the Python original, on real processes and sockets:
  * lock directories, reserved ports, this project's extended protocol (raw,
  * through the library and through the CLI), the fallbacks on Debian's Python
- * server, and the README's `nc` examples.
+ * server. The README's `nc` examples run in readme.test.ts.
  */
 
 import { test } from "node:test";
@@ -41,8 +41,6 @@ import {
   exitCodeOf,
   MOD_URL,
   type Proc,
-  ROOT,
-  run,
   runCli,
   scriptCommand,
   sleep,
@@ -1189,117 +1187,4 @@ test("CLI: return with no port, status with no server, and bad --label are usage
     }
     assert.equal((await getPortServerStatus(address)).allocated, 0);
   });
-});
-
-// ---------------------------------------------------------------------------
-// 7. The README's nc examples.
-
-test("README: the extended protocol's nc examples answer as their comments say", async () => {
-  const nc = await run(["sh", "-c", "command -v nc && nc -h 2>&1 | head -n 1"]);
-  assert.match(
-    nc.stdout,
-    /OpenBSD netcat/,
-    "OpenBSD nc is needed (apt-get install netcat-openbsd; .ci/run installs it)",
-  );
-  const readme = readFileSync(join(ROOT, "README.md"), "utf8");
-  const section = readme.indexOf("### The extended protocol");
-  assert.ok(section >= 0, "no extended protocol section");
-  const open = readme.indexOf("```sh\n", section);
-  const close = readme.indexOf("\n```", open + 6);
-  assert.ok(open > section && close > open);
-  assert.ok(
-    !readme.slice(section + 4, open).includes("\n#"),
-    "block outside the section",
-  );
-  const [serveLine, ...lines] = readme.slice(open + 6, close).split("\n");
-  const serve =
-    /^deno run -A cli\.ts serve --address (\S+) --pool (\d+)-(\d+) &$/.exec(
-      serveLine,
-    );
-  assert.ok(serve, `unexpected first line ${serveLine}`);
-  const [, readmeSocket, readmeFirst, readmeLast] = serve;
-  assert.equal(lines.length, 5);
-
-  const pool = await randomPool(100);
-  const dir = tempDir();
-  const socket = join(dir.path, "ports.sock");
-  const server = await startServer([
-    "--pool",
-    poolSpec(pool),
-    "--address",
-    socket,
-  ]);
-  const mapPort = (n: string) =>
-    String(pool[0] + Number(n) - Number(readmeFirst));
-  try {
-    const script = ["set -m", `echo $$ > ${dir.path}/shell-pid`];
-    const expected: { comment: string; file: string }[] = [];
-    for (const [i, line] of lines.entries()) {
-      const m = /^(printf .*\| nc -U \S+)\s+# (.+)$/.exec(line);
-      assert.ok(m, `unexpected line ${line}`);
-      // The README's socket and pool ports become ours.
-      const command = m[1].replaceAll(readmeSocket, socket).replace(
-        /\b\d{5}\b/g,
-        (n) =>
-          Number(n) >= Number(readmeFirst) && Number(n) <= Number(readmeLast)
-            ? mapPort(n)
-            : n,
-      );
-      assert.notEqual(command, m[1], `no socket path in ${line}`);
-      const file = join(dir.path, `out${i}`);
-      expected.push({ comment: m[2], file });
-      if (m[2].includes("until ^C")) {
-        // Runs until ^C: wait for its reply, then interrupt it as ^C would.
-        script.push(
-          `${command} > ${file} &`,
-          `for i in $(seq 200); do [ -s ${file} ] && break; sleep 0.05; done`,
-          "kill -INT %%",
-          "wait",
-        );
-      } else {
-        script.push(`${command} > ${file}`);
-      }
-    }
-    const scriptPath = join(dir.path, "readme.sh");
-    writeFileSync(scriptPath, script.join("\n") + "\n");
-    const result = await run(["bash", scriptPath], { timeoutMs: 20_000 });
-    assert.equal(result.code, 0, `exit ${result.code}: ${result.stderr}`);
-    const shellPid = Number(readFileSync(join(dir.path, "shell-pid"), "utf8"));
-
-    let leased: number | undefined;
-    let taken: number[] = [];
-    for (const { comment, file } of expected) {
-      const out = readFileSync(file, "utf8");
-      const what = `${comment}: ${JSON.stringify(out)}`;
-      if (comment.startsWith("OK")) {
-        const ports = /^OK((?: \d+)+)/.exec(comment)![1].trim().split(" ").map(
-          mapPort,
-        );
-        assert.equal(out, `OK ${ports.join(" ")}\n`, what);
-        if (comment.includes("until ^C")) leased = Number(ports[0]);
-        else if (!taken.length) taken = ports.map(Number);
-      } else if (comment.startsWith("{")) {
-        assert.match(out, /^\{[^\n]*\}\n$/, what);
-        const status = JSON.parse(out) as PortServerStatus;
-        assert.equal(status.address, socket);
-        assert.deepEqual(
-          status.allocations.map((a) => [a.port, a.pid, a.label]),
-          taken.map((p) => [p, shellPid, "web"]),
-        );
-      } else {
-        const classic = /^(\d+) \(classic\)$/.exec(comment);
-        assert.ok(classic, `unexpected comment ${comment}`);
-        assert.equal(out, `${mapPort(classic[1])}\n`, what);
-      }
-    }
-    assert.ok(leased !== undefined && taken.length === 2);
-    // ^C ended the lease.
-    await eventually(
-      "the lease ended by ^C freed",
-      () => noneHeld(socket, [leased!]),
-    );
-  } finally {
-    await server.stop();
-    dir.remove();
-  }
 });
