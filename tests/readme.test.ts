@@ -285,6 +285,9 @@ class Shell {
       PORTSERVER_ADDRESS: undefined,
       PORTPICKER_LOCK_DIR: undefined,
     });
+    // A shell that died is reported by the wait for its output, with its
+    // stderr; a write to it must not fail the test first with EPIPE.
+    proc.child.stdin!.on("error", () => {});
     proc.child.stdin!.write(`set -m\ncd ${quote(dir)}\necho "__pid $$"\n`);
     await proc.waitFor(/__pid \d+\n/);
     const pid = Number(/__pid (\d+)\n/.exec(proc.stdout())![1]);
