@@ -1223,6 +1223,7 @@ interface NodeProcess {
 // deno-lint-ignore no-explicit-any
 const host = globalThis as any;
 const deno: typeof Deno | undefined = host.Deno;
+const bun: BunApi | undefined = deno ? undefined : host.Bun;
 const node: NodeProcess | undefined = deno ? undefined : host.process;
 const encoder = new TextEncoder();
 const fs = () => node!.getBuiltinModule("node:fs");
@@ -1408,6 +1409,7 @@ async function listenUnix(
       },
     };
   }
+  if (bun) return listenBun(bun, path, address, events, setMode, removeFile);
   const net = await import("node:net");
   const server = net.createServer({ allowHalfOpen: true }, (socket) => {
     const connection = events.accept({
@@ -1442,6 +1444,93 @@ async function listenUnix(
           resolve();
         });
       }),
+  };
+}
+
+/** What this file uses of Bun's own socket API. */
+interface BunApi {
+  listen(options: {
+    unix: string;
+    allowHalfOpen: boolean;
+    socket: {
+      open(socket: BunSocket): void;
+      data(socket: BunSocket, chunk: Uint8Array): void;
+      drain(socket: BunSocket): void;
+      end(socket: BunSocket): void;
+      close(socket: BunSocket): void;
+      error(socket: BunSocket): void;
+    };
+  }): { stop(closeActive: boolean): void };
+}
+
+interface BunSocket {
+  data: { connection?: Connection; drained?: () => void } | undefined;
+  write(bytes: Uint8Array): number;
+  end(): void;
+}
+
+/**
+ * Bun's own Unix listener: several times faster than its node:net. Writes
+ * that the kernel does not take at once wait for `drain`.
+ */
+function listenBun(
+  bun: BunApi,
+  path: string,
+  address: string,
+  events: ListenerEvents,
+  setMode: () => void,
+  removeFile: () => void,
+): Listener {
+  const gone = (socket: BunSocket) => socket.data?.connection?.close();
+  let listener;
+  try {
+    listener = bun.listen({
+      unix: path,
+      allowHalfOpen: true,
+      socket: {
+        open(socket) {
+          const state: NonNullable<BunSocket["data"]> = {};
+          socket.data = state;
+          state.connection = events.accept({
+            write: async (bytes) => {
+              let n = 0;
+              while (n < bytes.length) {
+                const wrote = socket.write(bytes.subarray(n));
+                if (wrote < 0) throw new Error("the client went away");
+                n += wrote;
+                if (n < bytes.length) {
+                  await new Promise<void>((resolve) => state.drained = resolve);
+                }
+              }
+            },
+            close: () => {
+              state.connection = undefined;
+              state.drained?.();
+              socket.end();
+            },
+          });
+        },
+        data: (socket, chunk) => socket.data?.connection?.data(chunk),
+        drain: (socket) => socket.data?.drained?.(),
+        end: (socket) => socket.data?.connection?.end(),
+        close: gone,
+        error: gone,
+      },
+    });
+  } catch (error) {
+    if (errorCode(error) === "EADDRINUSE") {
+      throw new Error(`Another port server is already serving on ${address}`);
+    }
+    throw error;
+  }
+  setMode();
+  const active = listener;
+  return {
+    close: () => {
+      active.stop(true);
+      removeFile();
+      return Promise.resolve();
+    },
   };
 }
 
