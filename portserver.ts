@@ -1578,7 +1578,8 @@ async function serveDenoConnection(
     },
   });
   if (!connection) return;
-  const buffer = new Uint8Array(16384);
+  // Small: a classic request is 20 bytes; longer ones take several reads.
+  const buffer = new Uint8Array(512);
   try {
     // Reading on after an answered classic request only costs a rejected read;
     // anything else is read to its end, which ends a lease.
