@@ -42,6 +42,7 @@ import {
   MOD_URL,
   type Proc,
   runCli,
+  RUNTIME,
   scriptCommand,
   sleep,
   start,
@@ -52,6 +53,17 @@ import {
 } from "./helpers.ts";
 
 const PID = process.pid;
+
+/**
+ * For the tests that start Deno, Bun and Node processes themselves: whichever
+ * runtime runs the test, they test the same thing, so they run once, from
+ * Deno's suite.
+ */
+const ONCE = {
+  skip: RUNTIME === "deno"
+    ? false
+    : "drives Deno, Bun and Node itself: run once, from Deno's suite",
+};
 const ISO_TIME = /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/;
 
 // ---------------------------------------------------------------------------
@@ -214,64 +226,68 @@ while (!existsSync(process.env.TEST_GO)) {
 }
 `;
 
-test("lock directory: 16 processes on Deno, Bun and Node pick 100 ports each at once, all 1600 distinct; a normal exit removes the claims", async () => {
-  const range = await randomPool(2400);
-  const tmp = tempDir();
-  const lockDir = join(tmp.path, "locks");
-  const go = join(tmp.path, "go");
-  const script = join(tmp.path, "child.mts");
-  writeFileSync(script, LOCK_CHILD);
-  const runtimes = ["deno", "bun", "node"] as const;
-  const children: Proc[] = [];
-  try {
-    for (let i = 0; i < 16; i++) {
-      const byOption = i % 2 === 0;
-      children.push(start(commandOn(runtimes[i % 3], script), {
-        PORTSERVER_ADDRESS: undefined,
-        PORTPICKER_LOCK_DIR: byOption ? undefined : lockDir,
-        TEST_LOCK_OPTION: byOption ? lockDir : undefined,
-        TEST_RANGE: JSON.stringify(range),
-        TEST_GO: go,
-      }));
-    }
-    await Promise.all(children.map((c) => c.waitFor(/^\[.*\]\n/, 60_000)));
-    const owner = new Map<number, number>();
-    for (const child of children) {
-      const ports = JSON.parse(child.stdout()) as number[];
-      assertDistinct(ports, 100);
-      assertInPool(ports, range);
-      for (const port of ports) {
-        assert.ok(
-          !owner.has(port),
-          `port ${port} given to pids ${
-            owner.get(port)
-          } and ${child.child.pid}`,
-        );
-        owner.set(port, child.child.pid!);
+test(
+  "lock directory: 16 processes on Deno, Bun and Node pick 100 ports each at once, all 1600 distinct; a normal exit removes the claims",
+  ONCE,
+  async () => {
+    const range = await randomPool(2400);
+    const tmp = tempDir();
+    const lockDir = join(tmp.path, "locks");
+    const go = join(tmp.path, "go");
+    const script = join(tmp.path, "child.mts");
+    writeFileSync(script, LOCK_CHILD);
+    const runtimes = ["deno", "bun", "node"] as const;
+    const children: Proc[] = [];
+    try {
+      for (let i = 0; i < 16; i++) {
+        const byOption = i % 2 === 0;
+        children.push(start(commandOn(runtimes[i % 3], script), {
+          PORTSERVER_ADDRESS: undefined,
+          PORTPICKER_LOCK_DIR: byOption ? undefined : lockDir,
+          TEST_LOCK_OPTION: byOption ? lockDir : undefined,
+          TEST_RANGE: JSON.stringify(range),
+          TEST_GO: go,
+        }));
       }
+      await Promise.all(children.map((c) => c.waitFor(/^\[.*\]\n/, 60_000)));
+      const owner = new Map<number, number>();
+      for (const child of children) {
+        const ports = JSON.parse(child.stdout()) as number[];
+        assertDistinct(ports, 100);
+        assertInPool(ports, range);
+        for (const port of ports) {
+          assert.ok(
+            !owner.has(port),
+            `port ${port} given to pids ${
+              owner.get(port)
+            } and ${child.child.pid}`,
+          );
+          owner.set(port, child.child.pid!);
+        }
+      }
+      assert.equal(owner.size, 1600);
+      // Every port is claimed, by the process that got it, while it lives.
+      const claims = claimFiles(lockDir);
+      assert.equal(claims.size, 1600);
+      for (const [port, pid] of owner) {
+        assert.equal(
+          claims.get(port),
+          `${pid} ${processStartTime(pid)}\n`,
+          `claim of ${port}`,
+        );
+      }
+      writeFileSync(go, "");
+      for (const child of children) {
+        assert.equal(await exitCodeOf(child, 30_000), 0, child.stderr());
+      }
+      assert.deepEqual(readdirSync(lockDir), [], "left in the lock directory");
+    } finally {
+      writeFileSync(go, "");
+      await Promise.all(children.map((c) => c.stop("SIGKILL")));
+      tmp.remove();
     }
-    assert.equal(owner.size, 1600);
-    // Every port is claimed, by the process that got it, while it lives.
-    const claims = claimFiles(lockDir);
-    assert.equal(claims.size, 1600);
-    for (const [port, pid] of owner) {
-      assert.equal(
-        claims.get(port),
-        `${pid} ${processStartTime(pid)}\n`,
-        `claim of ${port}`,
-      );
-    }
-    writeFileSync(go, "");
-    for (const child of children) {
-      assert.equal(await exitCodeOf(child, 30_000), 0, child.stderr());
-    }
-    assert.deepEqual(readdirSync(lockDir), [], "left in the lock directory");
-  } finally {
-    writeFileSync(go, "");
-    await Promise.all(children.map((c) => c.stop("SIGKILL")));
-    tmp.remove();
-  }
-});
+  },
+);
 
 test("lock directory: a claim of a dead owner is reclaimed, and returnPort removes the claim", async () => {
   const [port] = await randomPool(1);
@@ -399,78 +415,82 @@ while (Date.now() < deadline && !existsSync(env.TEST_STOP)) {
 console.log(\`made \${made}\`);
 `;
 
-test("lock directory: taking over dead owners' claims never takes a live claim away (4 processes contend for 3 ports)", async () => {
-  const range = await randomPool(3);
-  const tmp = tempDir();
-  const lockDir = join(tmp.path, "locks");
-  mkdirSync(lockDir);
-  const go = join(tmp.path, "go");
-  const stop = join(tmp.path, "stop");
-  writeFileSync(join(tmp.path, "contender.mts"), CONTENDER);
-  writeFileSync(join(tmp.path, "crashed.mts"), CRASHED_OWNERS);
-  const env = {
-    PORTSERVER_ADDRESS: undefined,
-    PORTPICKER_LOCK_DIR: undefined,
-    TEST_RANGE: JSON.stringify(range),
-    TEST_DIR: lockDir,
-    TEST_GO: go,
-    TEST_STOP: stop,
-    TEST_MS: "6000",
-  };
-  const crashed = start(
-    commandOn("node", join(tmp.path, "crashed.mts")),
-    env,
-  );
-  const contenders = (["deno", "bun", "node", "bun"] as const).map((rt) =>
-    start(commandOn(rt, join(tmp.path, "contender.mts")), env)
-  );
-  const all = [crashed, ...contenders];
-  try {
-    await Promise.all(all.map((p) => p.waitFor(/^ready\n/, 30_000)));
-    writeFileSync(go, "");
-    // Stop at the first lost claim; else run to the end.
-    const running = () => all.some((p) => p.child.exitCode === null);
-    const ended = Date.now() + 30_000;
-    while (running() && Date.now() < ended) {
-      if (contenders.some((p) => p.stdout().includes("LOST"))) {
-        writeFileSync(stop, "");
+test(
+  "lock directory: taking over dead owners' claims never takes a live claim away (4 processes contend for 3 ports)",
+  ONCE,
+  async () => {
+    const range = await randomPool(3);
+    const tmp = tempDir();
+    const lockDir = join(tmp.path, "locks");
+    mkdirSync(lockDir);
+    const go = join(tmp.path, "go");
+    const stop = join(tmp.path, "stop");
+    writeFileSync(join(tmp.path, "contender.mts"), CONTENDER);
+    writeFileSync(join(tmp.path, "crashed.mts"), CRASHED_OWNERS);
+    const env = {
+      PORTSERVER_ADDRESS: undefined,
+      PORTPICKER_LOCK_DIR: undefined,
+      TEST_RANGE: JSON.stringify(range),
+      TEST_DIR: lockDir,
+      TEST_GO: go,
+      TEST_STOP: stop,
+      TEST_MS: "6000",
+    };
+    const crashed = start(
+      commandOn("node", join(tmp.path, "crashed.mts")),
+      env,
+    );
+    const contenders = (["deno", "bun", "node", "bun"] as const).map((rt) =>
+      start(commandOn(rt, join(tmp.path, "contender.mts")), env)
+    );
+    const all = [crashed, ...contenders];
+    try {
+      await Promise.all(all.map((p) => p.waitFor(/^ready\n/, 30_000)));
+      writeFileSync(go, "");
+      // Stop at the first lost claim; else run to the end.
+      const running = () => all.some((p) => p.child.exitCode === null);
+      const ended = Date.now() + 30_000;
+      while (running() && Date.now() < ended) {
+        if (contenders.some((p) => p.stdout().includes("LOST"))) {
+          writeFileSync(stop, "");
+        }
+        await sleep(50);
       }
-      await sleep(50);
+      writeFileSync(stop, "");
+      for (const p of all) {
+        assert.equal(await exitCodeOf(p, 10_000), 0, p.stderr());
+      }
+      const made = Number(/made (\d+)/.exec(crashed.stdout())?.[1]);
+      const picks = contenders.map((p) =>
+        Number(/picks (\d+)/.exec(p.stdout())?.[1])
+      );
+      assert.ok(made > 0, `no dead owner's claim made: ${crashed.stdout()}`);
+      const pids = new Map(contenders.map((p) => [p.child.pid!, p]));
+      const lost = contenders.flatMap((p) =>
+        [...p.stdout().matchAll(/^LOST (\d+) "(.*)"$/gm)].map((m) => {
+          const thief = Number(/^(\d+) /.exec(m[2])?.[1]);
+          return `pid ${p.child.pid} lost its live claim of port ${m[1]} to ${
+            pids.has(thief)
+              ? `live contender pid ${thief}`
+              : `a dead owner's claim "${m[2]}"`
+          }`;
+        })
+      );
+      assert.deepEqual(
+        lost,
+        [],
+        `${lost.length} live claims taken away in ${
+          picks.reduce((a, b) => a + b)
+        } picks: ${lost.slice(0, 5).join("; ")}`,
+      );
+      for (const n of picks) assert.ok(n >= 50, `too few picks: ${picks}`);
+    } finally {
+      writeFileSync(stop, "");
+      await Promise.all(all.map((p) => p.stop("SIGKILL")));
+      tmp.remove();
     }
-    writeFileSync(stop, "");
-    for (const p of all) {
-      assert.equal(await exitCodeOf(p, 10_000), 0, p.stderr());
-    }
-    const made = Number(/made (\d+)/.exec(crashed.stdout())?.[1]);
-    const picks = contenders.map((p) =>
-      Number(/picks (\d+)/.exec(p.stdout())?.[1])
-    );
-    assert.ok(made > 0, `no dead owner's claim made: ${crashed.stdout()}`);
-    const pids = new Map(contenders.map((p) => [p.child.pid!, p]));
-    const lost = contenders.flatMap((p) =>
-      [...p.stdout().matchAll(/^LOST (\d+) "(.*)"$/gm)].map((m) => {
-        const thief = Number(/^(\d+) /.exec(m[2])?.[1]);
-        return `pid ${p.child.pid} lost its live claim of port ${m[1]} to ${
-          pids.has(thief)
-            ? `live contender pid ${thief}`
-            : `a dead owner's claim "${m[2]}"`
-        }`;
-      })
-    );
-    assert.deepEqual(
-      lost,
-      [],
-      `${lost.length} live claims taken away in ${
-        picks.reduce((a, b) => a + b)
-      } picks: ${lost.slice(0, 5).join("; ")}`,
-    );
-    for (const n of picks) assert.ok(n >= 50, `too few picks: ${picks}`);
-  } finally {
-    writeFileSync(stop, "");
-    await Promise.all(all.map((p) => p.stop("SIGKILL")));
-    tmp.remove();
-  }
-});
+  },
+);
 
 test("lock directory: CLI --lock-dir skips a port claimed by a live process; its own claim names its parent and stays until `return`", async () => {
   const [port] = await randomPool(1);

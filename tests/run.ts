@@ -86,7 +86,7 @@ const suites: Suite[] = [
   },
   {
     name: "node",
-    command: [tool("node"), "--test", "--test-concurrency=1", ...files],
+    command: [tool("node"), "--test", "--test-concurrency=2", ...files],
     count: (out) => {
       const pass = last(out, /^ℹ pass (\d+)$/gm);
       const fail = last(out, /^ℹ fail (\d+)$/gm);
