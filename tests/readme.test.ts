@@ -193,16 +193,12 @@ async function runTypeScript(block: Block): Promise<void> {
   let fresh: Fresh | undefined;
   try {
     fresh = await Fresh.of(block.code, dir.path);
-    const code = fresh.apply(
-      block.code
-        .replaceAll(
-          '"@x/portpicker/portserver"',
-          JSON.stringify(PORTSERVER_URL),
-        )
-        .replaceAll('"@x/portpicker/cli"', JSON.stringify(CLI_URL))
-        .replaceAll('"@x/portpicker"', JSON.stringify(MOD_URL)),
-      true,
-    );
+    // The block's own paths and ports first: the local files' URLs may lie
+    // under /tmp too (a clone there), and must stay as they are.
+    const code = fresh.apply(block.code, true)
+      .replaceAll('"@x/portpicker/portserver"', JSON.stringify(PORTSERVER_URL))
+      .replaceAll('"@x/portpicker/cli"', JSON.stringify(CLI_URL))
+      .replaceAll('"@x/portpicker"', JSON.stringify(MOD_URL));
     const env: Record<string, string | undefined> = {
       PORTPICKER_LOCK_DIR: undefined,
     };
