@@ -39,6 +39,7 @@ import {
 import {
   assertOneLineError,
   exitCodeOf,
+  killHolder,
   MOD_URL,
   type Proc,
   runCli,
@@ -528,18 +529,22 @@ test("lock directory: hold_seconds still holds the port with PORTPICKER_LOCK_DIR
   const dir = tempDir();
   try {
     const result = await runCli(
-      ["--range", `${port}-${port}`, String(PID), "1"],
+      ["--range", `${port}-${port}`, String(PID), "600"],
       { env: { PORTPICKER_LOCK_DIR: dir.path } },
     );
     assert.equal(result.code, 0, result.stderr);
     assert.equal(result.stdout, `${port}\n`);
     assert.equal(result.stderr, "");
-    assert.equal(await isPortFree(port), false, "not held after the exit");
-    assert.deepEqual(readdirSync(dir.path), [`${port}.claim`], "no claim");
+    try {
+      assert.equal(await isPortFree(port), false, "not held after the exit");
+      assert.deepEqual(readdirSync(dir.path), [`${port}.claim`], "no claim");
+    } finally {
+      killHolder(port, 600);
+    }
     await eventually(
-      "the port free after the hold",
+      "the port free once its holder is gone",
       () => isPortFree(port),
-      5_000,
+      30_000,
     );
   } finally {
     dir.remove();

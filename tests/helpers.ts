@@ -9,6 +9,7 @@ import {
   existsSync,
   mkdirSync,
   mkdtempSync,
+  readdirSync,
   readFileSync,
   rmSync,
   writeFileSync,
@@ -339,6 +340,33 @@ export async function startPythonPortserver(
   ]);
   await proc.waitFor(/Serving on/);
   return proc;
+}
+
+/** The pid of the detached process that holds `port` for `seconds`. */
+export function holderOf(port: number, seconds: number): number | undefined {
+  for (const name of readdirSync("/proc")) {
+    if (!/^\d+$/.test(name)) continue;
+    let args: string[];
+    try {
+      args = readFileSync(`/proc/${name}/cmdline`, "utf8").split("\0");
+    } catch {
+      continue;
+    }
+    const at = args.indexOf("__portpicker_hold__");
+    if (
+      at >= 0 && args[at + 1] === String(seconds) &&
+      args[at + 2] === String(port)
+    ) {
+      return Number(name);
+    }
+  }
+  return undefined;
+}
+
+/** Kills the process that holds `port` for `seconds`, if any. */
+export function killHolder(port: number, seconds: number): void {
+  const pid = holderOf(port, seconds);
+  if (pid) process.kill(pid, "SIGKILL");
 }
 
 /** Resolves after `ms` milliseconds. */
