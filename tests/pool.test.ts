@@ -5,6 +5,7 @@
 
 import assert from "node:assert/strict";
 import test from "node:test";
+import { parseStatus, PROTOCOL_LIMITS } from "../mod.ts";
 import { type AliveCheck, PortPool } from "../portserver.ts";
 
 const free = () => Promise.resolve(true);
@@ -165,4 +166,30 @@ test("a pool of 65,535 ports hands every one out once", async () => {
   }
   assert.equal(taken.size, 65535);
   assert.equal(pool.allocated, 65535);
+});
+
+test("the STATUS of a full pool of every port, each with a 100-character label, fits PROTOCOL_LIMITS.statusReply", async () => {
+  const pool = new PortPool(range(1, 65535));
+  const label = "x".repeat(100);
+  // 65 owners of 1000 ports and one of 535, with the largest pids.
+  for (let i = 0; i < 66; i++) {
+    const owner = pool.ownerOf(0x7fffffff - i, 1e15);
+    const count = i < 65 ? 1000 : 535;
+    await pool.take(count, owner, label, free, everyoneAlive, 8.64e15);
+  }
+  assert.equal(pool.allocated, 65535);
+  const allocations = pool.status(everyoneAlive);
+  const reply = JSON.stringify({
+    address: `@${"a".repeat(100)}`,
+    pool: 65535,
+    allocated: 65535,
+    reclaimable: 0,
+    allocations,
+  }) + "\n";
+  const bytes = new TextEncoder().encode(reply).length;
+  assert.ok(
+    bytes <= PROTOCOL_LIMITS.statusReply,
+    `${bytes} bytes > ${PROTOCOL_LIMITS.statusReply}`,
+  );
+  assert.deepEqual(parseStatus(reply.trim()).allocations.length, 65535);
 });
