@@ -658,12 +658,7 @@ class Connection {
   #reader: LineReader | undefined;
   #bytes: Uint8Array[] = [];
   #state: "reading" | "answering" | "leased" | "closed" = "reading";
-  /**
-   * When the server's sweep ends this connection (ms since the epoch):
-   * while it sends its request, and while it is sent its reply.
-   */
-  deadline: number;
-  #onDeadline: () => void;
+  #timer: ReturnType<typeof setTimeout> | undefined;
   #idle: ReturnType<typeof setTimeout> | undefined;
   #onEnd: (() => void) | undefined;
   #ended = false;
@@ -671,11 +666,10 @@ class Connection {
   constructor(server: Server, transport: Transport) {
     this.#server = server;
     this.#transport = transport;
-    this.deadline = Date.now() + server.timeoutMs;
-    this.#onDeadline = () => {
+    this.#timer = setTimeout(() => {
       server.clientError(`no complete request within ${server.timeoutMs} ms`);
       this.close();
-    };
+    }, server.timeoutMs);
   }
 
   /** Whether reading on is pointless: a classic request was answered. */
@@ -727,18 +721,13 @@ class Connection {
   close(): void {
     if (this.#state === "closed") return;
     this.#state = "closed";
-    this.deadline = Infinity;
+    clearTimeout(this.#timer);
     clearTimeout(this.#idle);
     const onEnd = this.#onEnd;
     this.#onEnd = undefined;
     onEnd?.();
     this.#transport.close();
     this.#server.forget(this);
-  }
-
-  /** Called by the server's sweep once the deadline has passed. */
-  expire(): void {
-    if (this.#state !== "closed") this.#onDeadline();
   }
 
   #classic(): void {
@@ -757,7 +746,7 @@ class Connection {
 
   #answer(handle: () => Promise<Answer>): void {
     this.#state = "answering";
-    this.deadline = Infinity;
+    clearTimeout(this.#timer);
     clearTimeout(this.#idle);
     handle().then(
       (answer) => this.#reply(answer),
@@ -773,17 +762,16 @@ class Connection {
     this.#onEnd = onEnd;
     if (reply) {
       if (!this.#server.reserveBytes(reply.length)) return this.close();
-      this.deadline = Date.now() + this.#server.timeoutMs;
-      this.#onDeadline = () => {
+      this.#timer = setTimeout(() => {
         this.#server.dropped("did not take its reply", this.#server.timeoutMs);
         this.close();
-      };
+      }, this.#server.timeoutMs);
       try {
         await this.#transport.write(reply);
       } catch {
         return this.close();
       } finally {
-        this.deadline = Infinity;
+        clearTimeout(this.#timer);
         this.#server.reserveBytes(-reply.length);
       }
     }
@@ -818,8 +806,6 @@ class Server implements PortServer {
   #state: StateFile | undefined;
   #listener: Listener | undefined;
   #connections = new Set<Connection>();
-  /** One timer for every connection's deadline: none per request. */
-  #sweeper: ReturnType<typeof setInterval> | undefined;
   #stopped: Promise<void> | undefined;
   #bytesInFlight = 0;
   #maxConnections: number;
@@ -903,11 +889,6 @@ class Server implements PortServer {
       }
     }
     this.#warnEphemeralOverlap();
-    const tick = Math.max(10, Math.min(250, this.timeoutMs / 4));
-    this.#sweeper = setInterval(() => {
-      const now = Date.now();
-      for (const c of this.#connections) if (c.deadline <= now) c.expire();
-    }, tick);
     this.#listener = await listenUnix(this.address, {
       accept: (transport) => this.#accept(transport),
       acceptFailed: (error) =>
@@ -1179,7 +1160,6 @@ class Server implements PortServer {
 
   stop(): Promise<void> {
     return this.#stopped ??= (async () => {
-      clearInterval(this.#sweeper);
       const closing = this.#listener?.close();
       for (const connection of this.#connections) connection.close();
       await closing;
