@@ -16,6 +16,7 @@
 import { parseArgs } from "node:util";
 import {
   getPortServerStatus,
+  isLabel,
   type PickOptions,
   pickUnusedPorts,
   reservePort,
@@ -179,7 +180,7 @@ async function pickCommand(args: string[]): Promise<number> {
     pid: pidText === undefined
       ? parentPid()
       : parseInteger(pidText, "pid", 1, MAX_PID),
-    portserverAddress: parseAddress(values.portserver, "--portserver"),
+    portserverAddress: parseAddress(values.portserver),
     lockDir: parseDirectory(values["lock-dir"]),
   };
   const holdSeconds = holdText === undefined
@@ -253,7 +254,7 @@ async function statusCommand(args: string[]): Promise<number> {
       `unexpected argument ${JSON.stringify(positionals[0])}`,
     );
   }
-  const address = parseAddress(values.portserver, "--portserver") ??
+  const address = parseAddress(values.portserver) ??
     env("PORTSERVER_ADDRESS");
   if (!address) {
     throw new UsageError(
@@ -308,7 +309,7 @@ async function returnCommand(args: string[]): Promise<number> {
   const pid = values.pid === undefined
     ? parentPid()
     : parseInteger(values.pid, "pid", 1, MAX_PID);
-  const address = parseAddress(values.portserver, "--portserver") ??
+  const address = parseAddress(values.portserver) ??
     env("PORTSERVER_ADDRESS");
   const lockDir = parseDirectory(values["lock-dir"]) ??
     env("PORTPICKER_LOCK_DIR");
@@ -519,11 +520,8 @@ function parseRange(text: string): [number, number] {
   return [first, last];
 }
 
-function parseAddress(
-  text: string | undefined,
-  flag: string,
-): string | undefined {
-  if (text === "") throw new UsageError(`${flag} needs an address`);
+function parseAddress(text: string | undefined): string | undefined {
+  if (text === "") throw new UsageError("--portserver needs an address");
   return text;
 }
 
@@ -533,7 +531,7 @@ function parseDirectory(text: string | undefined): string | undefined {
 }
 
 function parseLabel(text: string): string {
-  if (!/^[\x21-\x7e]{1,100}$/.test(text)) {
+  if (!isLabel(text)) {
     throw new UsageError(
       `invalid label ${
         JSON.stringify(text)

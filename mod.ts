@@ -834,8 +834,23 @@ const VERBS: Record<ServerRequest["verb"], readonly string[]> = {
   STATUS: [],
 };
 
-/** A label: printable ASCII without spaces, 1 to 100 characters. */
-const LABEL = /^[\x21-\x7e]{1,100}$/;
+/**
+ * The label rule: printable ASCII without spaces, 1 to 100 characters.
+ *
+ * @param label The candidate.
+ * @returns Whether the server takes it as a label.
+ *
+ * @example
+ * ```ts
+ * import { isLabel } from "@x/portpicker";
+ *
+ * isLabel("e2e-web"); // true
+ * isLabel("two words"); // false
+ * ```
+ */
+export function isLabel(label: unknown): label is string {
+  return typeof label === "string" && /^[\x21-\x7e]{1,100}$/.test(label);
+}
 
 /**
  * Collects bytes until a newline, as every message of the protocol ends.
@@ -1003,7 +1018,7 @@ export function parseRequest(line: string): ServerRequest | { error: string } {
     const limit = PROTOCOL_LIMITS.ports;
     const count = values.has("count") ? number("count", 4, 1, limit) : 1;
     const label = values.get("label");
-    if (label !== undefined && !LABEL.test(label)) {
+    if (label !== undefined && !isLabel(label)) {
       return { error: "a label has 1 to 100 printable characters" };
     }
     for (const key of ["pid", "ports"]) {
@@ -1883,7 +1898,7 @@ function checkRange(range: unknown): readonly [number, number] {
 }
 
 function checkLabel(label: unknown): string {
-  if (typeof label !== "string" || !LABEL.test(label)) {
+  if (!isLabel(label)) {
     throw new TypeError(
       `Invalid label ${
         formatValue(label)

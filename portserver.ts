@@ -28,6 +28,7 @@ import {
   type AllocationStatus,
   formatReply,
   isExtendedRequest,
+  isLabel,
   isPortFree,
   LineReader,
   parseClassicRequest,
@@ -215,6 +216,7 @@ export class PortPool {
   #byPid = new Map<number, number>();
   #nextOwner = 1;
   #allocated = 0;
+  #version = 0;
 
   /**
    * Makes a pool of free ports.
@@ -237,6 +239,11 @@ export class PortPool {
   /** How many ports are held. */
   get allocated(): number {
     return this.#allocated;
+  }
+
+  /** A number that changes whenever a port is taken or freed. */
+  get version(): number {
+    return this.#version;
   }
 
   /** Whether `port` is in the pool. */
@@ -483,12 +490,14 @@ export class PortPool {
     if (label !== undefined) this.#labels.set(slot, label);
     this.#owners.get(owner)!.slots.add(slot);
     this.#allocated++;
+    this.#version++;
   }
 
   #free(slot: number): void {
     this.#owner[slot] = 0;
     this.#labels.delete(slot);
     this.#allocated--;
+    this.#version++;
     this.#push(slot);
   }
 
@@ -591,8 +600,7 @@ function wellFormed(entry: unknown): entry is SavedAllocation {
     Number.isSafeInteger(startTime) && startTime >= 0 &&
     Number.isFinite(since) && since >= 0 && since <= 8.64e15 &&
     (entry.length < 4 || typeof entry[3] === "number") &&
-    (label === undefined ||
-      (typeof label === "string" && /^[\x21-\x7e]{1,100}$/.test(label)));
+    (label === undefined || isLabel(label));
 }
 
 async function writeAtomically(path: string, text: string): Promise<void> {
@@ -810,7 +818,7 @@ class Server implements PortServer {
   #bytesInFlight = 0;
   #maxConnections: number;
   /** The last STATUS reply, encoded once and shared until the pool changes. */
-  #status: { reply: Uint8Array; at: number } | undefined;
+  #status: { reply: Uint8Array; at: number; version: number } | undefined;
   #limited = new Map<string, { count: number; timer: unknown }>();
 
   constructor(options: PortServerOptions, ports: number[]) {
@@ -1048,7 +1056,6 @@ class Server implements PortServer {
           reply: encoder.encode(formatReply({ ok: true, ports: taken })),
           onEnd: () => {
             const ports = this.#pool.releaseOwner(owner);
-            this.#status = undefined;
             this.info(`Lease of ports ${ports.join(", ")} ended.`);
           },
         };
@@ -1063,7 +1070,6 @@ class Server implements PortServer {
           };
         }
         const freed = this.#pool.release(ports, this.#pool.ownerIdOf(pid)!);
-        this.#status = undefined;
         this.info(`Pid ${pid} returned ports ${freed.join(", ")}.`);
         // The file may list them a while longer: that errs on the side of
         // holding, and the next write catches up.
@@ -1135,7 +1141,6 @@ class Server implements PortServer {
     for (const port of taken.inUse) {
       this.info(`Port ${port} unexpectedly in use.`);
     }
-    this.#status = undefined;
     return taken.ports;
   }
 
@@ -1143,7 +1148,9 @@ class Server implements PortServer {
     // One encoding serves every STATUS until the pool changes (or a second
     // passes: holders may die meanwhile).
     const now = Date.now();
-    if (this.#status && now - this.#status.at < 1000) return this.#status.reply;
+    const version = this.#pool.version;
+    const last = this.#status;
+    if (last?.version === version && now - last.at < 1000) return last.reply;
     const allocations = this.#pool.status(alive);
     const reply = encoder.encode(`${
       JSON.stringify({
@@ -1154,7 +1161,7 @@ class Server implements PortServer {
         allocations,
       })
     }\n`);
-    this.#status = { reply, at: now };
+    this.#status = { reply, at: now, version };
     return reply;
   }
 
@@ -1409,7 +1416,7 @@ async function listenUnix(
       },
     };
   }
-  if (bun) return listenBun(bun, path, address, events, setMode, removeFile);
+  if (bun) return listenBun(bun, path, inUse, events, setMode, removeFile);
   const net = await import("node:net");
   const server = net.createServer({ allowHalfOpen: true }, (socket) => {
     const connection = events.accept({
@@ -1476,7 +1483,7 @@ interface BunSocket {
 function listenBun(
   bun: BunApi,
   path: string,
-  address: string,
+  inUse: () => Error,
   events: ListenerEvents,
   setMode: () => void,
   removeFile: () => void,
@@ -1518,9 +1525,7 @@ function listenBun(
       },
     });
   } catch (error) {
-    if (errorCode(error) === "EADDRINUSE") {
-      throw new Error(`Another port server is already serving on ${address}`);
-    }
+    if (errorCode(error) === "EADDRINUSE") throw inUse();
     throw error;
   }
   setMode();

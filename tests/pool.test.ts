@@ -193,3 +193,18 @@ test("the STATUS of a full pool of every port, each with a 100-character label, 
   );
   assert.deepEqual(parseStatus(reply.trim()).allocations.length, 65535);
 });
+
+test("version changes whenever a port is taken or freed, and only then", async () => {
+  const pool = new PortPool(range(20000, 2));
+  const a = pool.ownerOf(100, 1);
+  const v0 = pool.version;
+  await pool.take(3, a, undefined, free, everyoneAlive);
+  assert.equal(pool.version, v0, "a take that got nothing changed it");
+  await pool.take(1, a, undefined, free, everyoneAlive);
+  const v1 = pool.version;
+  assert.notEqual(v1, v0);
+  pool.release([20001], a);
+  assert.equal(pool.version, v1, "freeing a port not held changed it");
+  pool.release([20000], a);
+  assert.notEqual(pool.version, v1);
+});
