@@ -325,6 +325,30 @@ export async function isPortFree(port: number): Promise<boolean> {
 }
 
 /**
+ * {@linkcode isPortFree} without waiting, where the runtime can bind
+ * synchronously: through the C library, on Linux (x64 and arm64, glibc), on
+ * Bun, and on Deno with `--allow-ffi` (`-A` has it). The binds are the same.
+ * Elsewhere (Node.js, other systems, Deno without the permission), and when
+ * a bind fails in a way that only the runtime's own sockets can name, it
+ * returns undefined: ask `isPortFree` then.
+ *
+ * @param port The port, from 1 to 65535.
+ * @returns Whether the port is free; undefined when it cannot tell at once.
+ *
+ * @example
+ * ```ts
+ * import { isPortFree, isPortFreeSync } from "@x/portpicker";
+ *
+ * const free = isPortFreeSync(8080) ?? await isPortFree(8080);
+ * console.log(free);
+ * ```
+ */
+export function isPortFreeSync(port: number): boolean | undefined {
+  checkPort(port);
+  return freeNow(port);
+}
+
+/**
  * Waits until something accepts TCP connections on `port`: the server your
  * test just started is up. Polls with a back-off (10 ms, growing to 250 ms),
  * never a busy loop.
@@ -1388,6 +1412,148 @@ async function bindSocket(
   });
 }
 
+/**
+ * Binds through the C library, by the runtime's FFI (Bun, and Deno with
+ * --allow-ffi), on Linux on x64 and arm64 with glibc. The same binds as
+ * `bindSocket` on `::`, dual-stack (TCP with SO_REUSEADDR and listening,
+ * UDP plain), and closed at once, but synchronous and without the event
+ * loop: each of the runtime's own sockets is also registered with the event
+ * loop and unregistered, and awaited. A check costs about half as much.
+ */
+interface Libc {
+  socket(domain: number, type: number, protocol: number): number;
+  setsockopt(
+    fd: number,
+    level: number,
+    name: number,
+    value: Int32Array,
+    length: number,
+  ): number;
+  bind(fd: number, address: Uint8Array, length: number): number;
+  listen(fd: number, backlog: number): number;
+  getsockname(fd: number, address: Uint8Array, length: Int32Array): number;
+  close(fd: number): number;
+  /** The calling thread's errno, read after a failed call. */
+  errno(): number;
+}
+
+/** Linux's values on x64 and arm64 (some other architectures differ). */
+const LINUX = {
+  AF_INET6: 10,
+  SOCK_STREAM: 1,
+  SOCK_DGRAM: 2,
+  SOCK_CLOEXEC: 0o2000000,
+  SOL_SOCKET: 1,
+  SO_REUSEADDR: 2,
+  IPPROTO_IPV6: 41,
+  IPV6_V6ONLY: 26,
+  EPERM: 1,
+  EACCES: 13,
+  EADDRINUSE: 98,
+} as const;
+
+/** The C library's functions, or null where they cannot be had; opened on first use. */
+let libc: Libc | null | undefined;
+
+function openLibc(): Libc | null {
+  const arch = deno ? deno.build.arch : host.process?.arch;
+  if (!IS_LINUX || !["x86_64", "x64", "aarch64", "arm64"].includes(arch)) {
+    return null;
+  }
+  const signatures: Record<string, [string[], string]> = {
+    socket: [["i32", "i32", "i32"], "i32"],
+    setsockopt: [["i32", "i32", "i32", "buffer", "i32"], "i32"],
+    bind: [["i32", "buffer", "i32"], "i32"],
+    listen: [["i32", "i32"], "i32"],
+    getsockname: [["i32", "buffer", "buffer"], "i32"],
+    close: [["i32"], "i32"],
+    __errno_location: [[], "pointer"],
+  };
+  try {
+    if (deno) {
+      // Never a permission prompt: only when already granted.
+      if (
+        typeof deno.dlopen !== "function" ||
+        deno.permissions.querySync({ name: "ffi" }).state !== "granted"
+      ) {
+        return null;
+      }
+      const symbols = Object.fromEntries(
+        Object.entries(signatures).map(([name, [parameters, result]]) => [
+          name,
+          { parameters, result },
+        ]),
+      );
+      // deno-lint-ignore no-explicit-any
+      const lib = deno.dlopen("libc.so.6", symbols as any).symbols as any;
+      // errno is per thread, and this module lives on one thread.
+      const errno = new deno.UnsafePointerView(lib.__errno_location());
+      return Object.assign(lib, { errno: () => errno.getInt32() });
+    }
+    if (bun) {
+      // deno-lint-ignore no-explicit-any
+      const ffi = (import.meta as any).require("bun:ffi");
+      const type = (t: string) =>
+        t === "buffer" ? "ptr" : t === "pointer" ? "ptr" : t;
+      const symbols = Object.fromEntries(
+        Object.entries(signatures).map(([name, [args, returns]]) => [name, {
+          args: args.map(type),
+          returns: type(returns),
+        }]),
+      );
+      const lib = ffi.dlopen("libc.so.6", symbols).symbols;
+      const where = lib.__errno_location();
+      return Object.assign(lib, { errno: () => ffi.read.i32(where, 0) });
+    }
+  } catch {
+    // No glibc (musl, say), or no FFI: the runtime's own sockets do.
+  }
+  return null;
+}
+
+/** sockaddr_in6 for [::], its port set per call; the rest, allocated once. */
+const socketAddress = new Uint8Array(28);
+const socketAddressView = new DataView(socketAddress.buffer);
+socketAddressView.setUint16(0, LINUX.AF_INET6, true);
+const addressLength = new Int32Array(1);
+const ONE = new Int32Array([1]);
+const ZERO = new Int32Array([0]);
+
+/**
+ * Binds `port` (0: the kernel's choice) on `proto` through the C library,
+ * dual-stack, and closes it again. Returns the port; undefined when it is
+ * taken (EADDRINUSE, EACCES, EPERM: what `classify` calls taken); null when
+ * the C library is not there or fails otherwise, for the runtime's own
+ * sockets to do it and name the error.
+ */
+function bindNow(proto: Proto, port: number): number | undefined | null {
+  const c = libc === undefined ? (libc = openLibc()) : libc;
+  if (!c) return null;
+  const tcp = proto === "tcp";
+  const fd = c.socket(
+    LINUX.AF_INET6,
+    (tcp ? LINUX.SOCK_STREAM : LINUX.SOCK_DGRAM) | LINUX.SOCK_CLOEXEC,
+    0,
+  );
+  if (fd < 0) return null;
+  socketAddressView.setUint16(2, port, false);
+  addressLength[0] = 28;
+  const bound =
+    c.setsockopt(fd, LINUX.IPPROTO_IPV6, LINUX.IPV6_V6ONLY, ZERO, 4) === 0 &&
+    (!tcp ||
+      c.setsockopt(fd, LINUX.SOL_SOCKET, LINUX.SO_REUSEADDR, ONE, 4) === 0) &&
+    c.bind(fd, socketAddress, 28) === 0 &&
+    (!tcp || c.listen(fd, 1) === 0) &&
+    (port !== 0 || c.getsockname(fd, socketAddress, addressLength) === 0);
+  const errno = bound ? 0 : c.errno();
+  c.close(fd);
+  if (bound) return port || socketAddressView.getUint16(2, false);
+  return errno === LINUX.EADDRINUSE || errno === LINUX.EACCES ||
+      errno === LINUX.EPERM
+    ? undefined
+    : null;
+}
+
 /** A Unix stream connection, the same on every runtime. */
 interface UnixConnection {
   /** Sends all of `text`. */
@@ -1718,6 +1884,8 @@ async function bindEachFamily(
   proto: Proto,
   port: number,
 ): Promise<number | undefined> {
+  const now = bindNow(proto, port);
+  if (now !== null) return now;
   const hosts = (await (dualStack[proto] ??= detectDualStack(proto)))
     ? DUAL
     : WILDCARDS;
@@ -1739,9 +1907,19 @@ async function bindEachFamily(
   return found ? port : undefined;
 }
 
+/** Whether `port` is free, if the C library can tell at once; else undefined. */
+function freeNow(port: number): boolean | undefined {
+  const tcp = bindNow("tcp", port);
+  if (tcp === null) return undefined;
+  if (tcp === undefined) return false;
+  const udp = bindNow("udp", port);
+  return udp === null ? undefined : udp !== undefined;
+}
+
 async function isFree(port: number): Promise<boolean> {
-  return (await bindEachFamily("tcp", port)) !== undefined &&
-    (await bindEachFamily("udp", port)) !== undefined;
+  return freeNow(port) ??
+    ((await bindEachFamily("tcp", port)) !== undefined &&
+      (await bindEachFamily("udp", port)) !== undefined);
 }
 
 /**

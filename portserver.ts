@@ -30,6 +30,7 @@ import {
   isExtendedRequest,
   isLabel,
   isPortFree,
+  isPortFreeSync,
   LineReader,
   parseClassicRequest,
   parseRequest,
@@ -287,7 +288,8 @@ export class PortPool {
    * Takes `count` free ports for `owner`, round-robin, each checked with
    * `isFree`; when the free ring runs dry, the ports of dead processes
    * (asked of `alive`) are reclaimed once. All or none: ports found go back
-   * when there are too few.
+   * when there are too few. Synchronous while `isFree` answers synchronously
+   * (the server's fast path); a promise once it does not.
    *
    * @param count How many.
    * @param owner The owner id.
@@ -297,14 +299,42 @@ export class PortPool {
    * @param now The time to record.
    * @returns The ports, how many were examined, and those found in use.
    */
-  async take(
+  take(
     count: number,
     owner: number,
     label: string | undefined,
-    isFree: (port: number) => Promise<boolean>,
+    isFree: (port: number) => boolean | Promise<boolean>,
     alive: AliveCheck,
     now: number = Date.now(),
+  ): Taken | Promise<Taken> {
+    const walk = this.#walk(count, owner, label, alive, now);
+    let step = walk.next();
+    while (!step.done) {
+      const free = isFree(step.value);
+      if (typeof free !== "boolean") return this.#walkOn(walk, free, isFree);
+      step = walk.next(free);
+    }
+    return step.value;
+  }
+
+  async #walkOn(
+    walk: Generator<number, Taken, boolean>,
+    pending: Promise<boolean>,
+    isFree: (port: number) => boolean | Promise<boolean>,
   ): Promise<Taken> {
+    let step = walk.next(await pending);
+    while (!step.done) step = walk.next(await isFree(step.value));
+    return step.value;
+  }
+
+  /** The walk of {@linkcode PortPool.take}: yields each port to check, is sent whether it is free. */
+  *#walk(
+    count: number,
+    owner: number,
+    label: string | undefined,
+    alive: AliveCheck,
+    now: number,
+  ): Generator<number, Taken, boolean> {
     const slots: number[] = [];
     const inUse: number[] = [];
     let checked = 0;
@@ -321,7 +351,7 @@ export class PortPool {
       budget--;
       const slot = this.#shift();
       checked++;
-      if (await isFree(this.#port[slot])) {
+      if (yield this.#port[slot]) {
         slots.push(slot);
       } else {
         inUse.push(this.#port[slot]);
@@ -513,6 +543,102 @@ export class PortPool {
   }
 }
 
+/**
+ * Start times of requesting processes, each read at most once per `ttlMs`:
+ * reading `/proc/<pid>/stat` is a third of a request's system calls. A pid
+ * names another process only after the kernel has handed out every other
+ * pid (Linux goes round up to pid_max), so {@linkcode startTimeTtlMs} keeps
+ * an entry for less time than that takes at ten new processes a
+ * microsecond. Only live processes are kept; the pool still reads /proc
+ * afresh whenever it decides whether an owner died.
+ *
+ * @example
+ * ```ts
+ * import { StartTimes } from "@x/portpicker/portserver";
+ *
+ * let reads = 0;
+ * const times = new StartTimes(() => (reads++, 42), 5);
+ * times.get(1234, 0);
+ * times.get(1234, 4); // within 5 ms: not read again
+ * console.log(times.get(1234, 6), reads); // 42 2
+ * ```
+ */
+export class StartTimes {
+  /** How long a start time is taken as read, in ms. */
+  readonly ttlMs: number;
+  #read: (pid: number) => number;
+  #times = new Map<number, number>();
+  #readAt = new Map<number, number>();
+
+  /**
+   * @param read Reads a process's start time; 0 when there is none.
+   * @param ttlMs How long a start time is taken as read, in ms.
+   */
+  constructor(read: (pid: number) => number, ttlMs: number) {
+    this.#read = read;
+    this.ttlMs = ttlMs;
+  }
+
+  /**
+   * The start time of `pid`, 0 when it does not exist.
+   *
+   * @param pid The process.
+   * @param now A monotonic clock in ms.
+   */
+  get(pid: number, now: number = performance.now()): number {
+    const at = this.#readAt.get(pid);
+    if (at !== undefined && now - at < this.ttlMs) return this.#times.get(pid)!;
+    const startTime = this.#read(pid);
+    if (startTime === 0) {
+      this.#readAt.delete(pid);
+      this.#times.delete(pid);
+      return 0;
+    }
+    if (at === undefined && this.#readAt.size >= 4096) this.#prune(now);
+    this.#readAt.set(pid, now);
+    this.#times.set(pid, startTime);
+    return startTime;
+  }
+
+  #prune(now: number): void {
+    for (const [pid, at] of this.#readAt) {
+      if (now - at < this.ttlMs) continue;
+      this.#readAt.delete(pid);
+      this.#times.delete(pid);
+    }
+  }
+}
+
+/**
+ * How long a pid's start time may be taken as read, given pid_max: the time
+ * it takes to start pid_max processes at ten a microsecond, at most 1 s.
+ *
+ * @param pidMax `/proc/sys/kernel/pid_max`.
+ * @returns Milliseconds.
+ *
+ * @example
+ * ```ts
+ * import { startTimeTtlMs } from "@x/portpicker/portserver";
+ *
+ * console.log(startTimeTtlMs(32768)); // 3.2768
+ * ```
+ */
+export function startTimeTtlMs(pidMax: number): number {
+  return Math.min(1000, Math.max(0, pidMax) / 10_000);
+}
+
+/** The server's check of a port: synchronous where the C library can tell. */
+const checkPort = (port: number): boolean | Promise<boolean> =>
+  isPortFreeSync(port) ?? isPortFree(port);
+
+/** `f` of `value`, at once when it is not a promise. */
+function then<T, U>(
+  value: T | Promise<T>,
+  f: (value: T) => U | Promise<U>,
+): U | Promise<U> {
+  return value instanceof Promise ? value.then(f) : f(value);
+}
+
 /** The pool's check of an owner: its pid still names the same process. */
 const alive: AliveCheck = (pid, startTime) =>
   processStartTime(pid) === startTime;
@@ -643,6 +769,12 @@ function randomHex(): string {
 interface Transport {
   /** Writes all of `bytes`; resolves once the kernel has taken them. */
   write(bytes: Uint8Array): Promise<void>;
+  /**
+   * Writes `bytes` and closes: for a short reply (at most
+   * `PROTOCOL_LIMITS.reply` bytes), which a new connection's socket buffer
+   * always takes at once, so no deadline is needed.
+   */
+  end(bytes: Uint8Array): void;
   /** Closes the connection (idempotent). */
   close(): void;
 }
@@ -752,21 +884,41 @@ class Connection {
     this.#answer(() => Promise.resolve({ reply: errorReply(why) }));
   }
 
-  #answer(handle: () => Promise<Answer>): void {
+  #answer(handle: () => Answer | Promise<Answer>): void {
     this.#state = "answering";
     clearTimeout(this.#timer);
     clearTimeout(this.#idle);
-    handle().then(
-      (answer) => this.#reply(answer),
-      (error) => {
-        this.#server.warn(`Request failed: ${(error as Error).message}`);
-        this.close();
-      },
-    );
+    const failed = (error: unknown) => {
+      this.#server.warn(`Request failed: ${(error as Error).message}`);
+      this.close();
+    };
+    let answer: Answer | Promise<Answer>;
+    try {
+      answer = handle();
+    } catch (error) {
+      return failed(error);
+    }
+    if (answer instanceof Promise) answer.then((a) => this.#reply(a), failed);
+    else this.#reply(answer);
   }
 
-  async #reply({ reply, onEnd }: Answer): Promise<void> {
+  #reply({ reply, onEnd }: Answer): void {
     if (this.#state === "closed") return onEnd?.();
+    if (reply && !onEnd && reply.length <= PROTOCOL_LIMITS.reply) {
+      // Most replies: written and closed within this turn.
+      this.#state = "closed";
+      this.#transport.end(reply);
+      this.#server.forget(this);
+      return;
+    }
+    this.#send(reply, onEnd);
+  }
+
+  /** A long reply, under a deadline, or a lease's. */
+  async #send(
+    reply: Uint8Array | undefined,
+    onEnd: (() => void) | undefined,
+  ): Promise<void> {
     this.#onEnd = onEnd;
     if (reply) {
       if (!this.#server.reserveBytes(reply.length)) return this.close();
@@ -797,6 +949,7 @@ function errorReply(why: string): Uint8Array {
 // ===========================================================================
 // The server's life cycle: open, answer, stop.
 
+const CACHE = new Map<number, [number, number]>();
 class Server implements PortServer {
   readonly address: string;
   readonly timeoutMs: number;
@@ -811,6 +964,12 @@ class Server implements PortServer {
   };
   /** Allocations run one at a time: each awaits the previous. */
   #queue: Promise<unknown> = Promise.resolve();
+  /** How many allocations are waiting or running asynchronously. */
+  #pending = 0;
+  #startTimes: StartTimes = new StartTimes(
+    processStartTime,
+    startTimeTtlMs(pidMax()),
+  );
   #state: StateFile | undefined;
   #listener: Listener | undefined;
   #connections = new Set<Connection>();
@@ -984,14 +1143,28 @@ class Server implements PortServer {
     this.#limited.set(key, entry);
   }
 
-  #serial<T>(work: () => Promise<T>): Promise<T> {
-    const done = this.#queue.then(work);
+  /**
+   * Runs `work` after every earlier one: at once when none is pending (most
+   * requests are answered within the turn that read them), else in turn.
+   */
+  #serial<T>(work: () => T | Promise<T>): T | Promise<T> {
+    if (this.#pending === 0) {
+      const result = work();
+      if (!(result instanceof Promise)) return result;
+      return this.#track(result);
+    }
+    return this.#track(this.#queue.then(work));
+  }
+
+  #track<T>(work: Promise<T>): Promise<T> {
+    this.#pending++;
+    const done = work.finally(() => this.#pending--);
     this.#queue = done.catch(() => {});
     return done;
   }
 
   /** The Python protocol: a pid in, a port and a newline out, or nothing. */
-  async classic(bytes: Uint8Array): Promise<Answer> {
+  classic(bytes: Uint8Array): Answer | Promise<Answer> {
     const pid = parseClassicRequest(bytes);
     if (pid === undefined) {
       const shown = JSON.stringify(
@@ -1006,59 +1179,61 @@ class Server implements PortServer {
       );
       return {};
     }
-    const result = await this.#allocate(pid, 1, undefined);
-    return typeof result === "string"
-      ? {}
-      : { reply: encoder.encode(`${result[0]}\n`) };
+    return then(
+      this.#allocate(pid, 1, undefined),
+      (result) =>
+        typeof result === "string"
+          ? {}
+          : { reply: encoder.encode(`${result[0]}\n`) },
+    );
   }
 
   /** Extended requests: every answer is one line. */
-  async extended(line: string): Promise<Answer> {
+  extended(line: string): Answer | Promise<Answer> {
     const request = parseRequest(line);
     if ("error" in request) {
       this.clientError(request.error);
       return { reply: errorReply(request.error) };
     }
     if (this.#options.verbose) this.info(`Request ${line.trim()}.`);
-    return await this.#answer(request);
+    return this.#answer(request);
   }
 
-  async #answer(request: ServerRequest): Promise<Answer> {
+  #answer(request: ServerRequest): Answer | Promise<Answer> {
     switch (request.verb) {
       case "STATUS":
         return { reply: this.#statusReply() };
-      case "TAKE": {
-        const result = await this.#allocate(
-          request.pid,
-          request.count,
-          request.label,
+      case "TAKE":
+        return then(
+          this.#allocate(request.pid, request.count, request.label),
+          (result) => ({
+            reply: encoder.encode(formatReply(
+              typeof result === "string"
+                ? { ok: false, error: result }
+                : { ok: true, ports: result },
+            )),
+          }),
         );
-        return {
-          reply: encoder.encode(formatReply(
-            typeof result === "string"
-              ? { ok: false, error: result }
-              : { ok: true, ports: result },
-          )),
-        };
-      }
       case "LEASE": {
         const owner = this.#pool.leaseOwner();
-        const taken = await this.#serial(() =>
+        const taken = this.#serial(() =>
           this.#take(request.count, owner, request.label)
         );
-        if (!taken) {
-          this.#pool.releaseOwner(owner);
-          return { reply: errorReply(this.#deny("not enough free ports")) };
-        }
-        this.#counters.totalAllocations += taken.length;
-        this.info(`Leased ports ${taken.join(", ")}.`);
-        return {
-          reply: encoder.encode(formatReply({ ok: true, ports: taken })),
-          onEnd: () => {
-            const ports = this.#pool.releaseOwner(owner);
-            this.info(`Lease of ports ${ports.join(", ")} ended.`);
-          },
-        };
+        return then(taken, (ports) => {
+          if (!ports) {
+            this.#pool.releaseOwner(owner);
+            return { reply: errorReply(this.#deny("not enough free ports")) };
+          }
+          this.#counters.totalAllocations += ports.length;
+          this.info(`Leased ports ${ports.join(", ")}.`);
+          return {
+            reply: encoder.encode(formatReply({ ok: true, ports })),
+            onEnd: () => {
+              const freed = this.#pool.releaseOwner(owner);
+              this.info(`Lease of ports ${freed.join(", ")} ended.`);
+            },
+          };
+        });
       }
       case "RETURN": {
         const { pid, ports } = request;
@@ -1073,8 +1248,14 @@ class Server implements PortServer {
         this.info(`Pid ${pid} returned ports ${freed.join(", ")}.`);
         // The file may list them a while longer: that errs on the side of
         // holding, and the next write catches up.
-        await this.#state?.save().catch((error) => this.#saveFailed(error));
-        return { reply: encoder.encode(formatReply({ ok: true, ports })) };
+        const answer = {
+          reply: encoder.encode(formatReply({ ok: true, ports })),
+        };
+        if (!this.#state) return answer;
+        return this.#state.save().then(
+          () => answer,
+          (error) => (this.#saveFailed(error), answer),
+        );
       }
     }
   }
@@ -1094,13 +1275,13 @@ class Server implements PortServer {
   }
 
   /** `count` ports for a live `pid`, on disk before they are handed out; or why not. */
-  async #allocate(
+  #allocate(
     pid: number,
     count: number,
     label: string | undefined,
-  ): Promise<number[] | string> {
+  ): number[] | string | Promise<number[] | string> {
     if (this.#options.verbose) this.info(`Request on behalf of pid ${pid}.`);
-    const startTime = pid > 1 ? processStartTime(pid) : 0;
+    const startTime = pid > 1 ? this.#startTimes.get(pid) : 0;
     if (pid <= 1 || startTime === 0) {
       return this.#deny(
         pid <= 0
@@ -1111,19 +1292,26 @@ class Server implements PortServer {
       );
     }
     const owner = this.#pool.ownerOf(pid, startTime);
-    const ports = await this.#serial(() => this.#take(count, owner, label));
-    if (!ports) {
-      return this.#deny(
-        count === 1 ? "all ports in use" : `fewer than ${count} ports free`,
+    const taken = this.#serial(() => this.#take(count, owner, label));
+    return then(taken, (ports) => {
+      if (!ports) {
+        return this.#deny(
+          count === 1 ? "all ports in use" : `fewer than ${count} ports free`,
+        );
+      }
+      if (!this.#state) return this.#handedOut(pid, ports);
+      return this.#state.save().then(
+        () => this.#handedOut(pid, ports),
+        (error) => {
+          // Not on disk, not handed out: a restart must not lose it.
+          this.#pool.release(ports, owner);
+          return this.#saveFailed(error);
+        },
       );
-    }
-    try {
-      await this.#state?.save();
-    } catch (error) {
-      // Not on disk, not handed out: a restart must not lose it.
-      this.#pool.release(ports, owner);
-      return this.#saveFailed(error);
-    }
+    });
+  }
+
+  #handedOut(pid: number, ports: number[]): number[] {
     this.#counters.totalAllocations += ports.length;
     if (this.#options.verbose) {
       this.info(`Allocated ports ${ports.join(", ")} to pid ${pid}.`);
@@ -1131,17 +1319,17 @@ class Server implements PortServer {
     return ports;
   }
 
-  async #take(
+  #take(
     count: number,
     owner: number,
     label: string | undefined,
-  ): Promise<number[] | undefined> {
-    const taken = await this.#pool.take(count, owner, label, isPortFree, alive);
-    this.#counters.numPortsCheckedForLastRequest = taken.checked;
-    for (const port of taken.inUse) {
-      this.info(`Port ${port} unexpectedly in use.`);
-    }
-    return taken.ports;
+  ): number[] | undefined | Promise<number[] | undefined> {
+    const taken = this.#pool.take(count, owner, label, checkPort, alive);
+    return then(taken, ({ ports, checked, inUse }) => {
+      this.#counters.numPortsCheckedForLastRequest = checked;
+      for (const port of inUse) this.info(`Port ${port} unexpectedly in use.`);
+      return ports;
+    });
   }
 
   #statusReply(): Uint8Array {
@@ -1251,35 +1439,35 @@ function requireProcAccess(): void {
   }
 }
 
+/** A file of /proc or /proc/sys (Linux), or undefined where it cannot be read. */
+function procText(path: string): string | undefined {
+  if (!IS_LINUX) return undefined;
+  try {
+    return deno ? deno.readTextFileSync(path) : fs().readFileSync(path, "utf8");
+  } catch {
+    return undefined;
+  }
+}
+
 /** This process's soft limit of open files (Linux), else a large number. */
 function descriptorLimit(): number {
-  if (!IS_LINUX) return Infinity;
-  try {
-    const text = deno
-      ? deno.readTextFileSync("/proc/self/limits")
-      : fs().readFileSync("/proc/self/limits", "utf8");
-    const soft = /^Max open files\s+(\d+)/m.exec(text)?.[1];
-    return soft ? Number(soft) : Infinity;
-  } catch {
-    return Infinity;
-  }
+  const text = procText("/proc/self/limits") ?? "";
+  const soft = /^Max open files\s+(\d+)/m.exec(text)?.[1];
+  return soft ? Number(soft) : Infinity;
 }
 
 /** The kernel's ephemeral range, or undefined where it cannot be read. */
 function ephemeralRange(): [number, number] | undefined {
-  if (!IS_LINUX) return undefined;
-  try {
-    const path = "/proc/sys/net/ipv4/ip_local_port_range";
-    const text = deno
-      ? deno.readTextFileSync(path)
-      : fs().readFileSync(path, "utf8");
-    const [first, last] = text.trim().split(/\s+/).map(Number);
-    return Number.isInteger(first) && Number.isInteger(last)
-      ? [first, last]
-      : undefined;
-  } catch {
-    return undefined;
-  }
+  const text = procText("/proc/sys/net/ipv4/ip_local_port_range");
+  const [first, last] = (text ?? "").trim().split(/\s+/).map(Number);
+  return Number.isInteger(first) && Number.isInteger(last)
+    ? [first, last]
+    : undefined;
+}
+
+/** The kernel's largest pid + 1, or 0 where it cannot be read (no caching then). */
+function pidMax(): number {
+  return Number(procText("/proc/sys/kernel/pid_max")) || 0;
 }
 
 /** A timer that does not keep the process alive. */
@@ -1424,6 +1612,7 @@ async function listenUnix(
         new Promise((resolve, reject) =>
           socket.write(bytes, (error) => error ? reject(error) : resolve())
         ),
+      end: (bytes) => void socket.end(bytes, () => socket.destroy()),
       close: () => void socket.destroy(),
     });
     if (!connection) return;
@@ -1473,7 +1662,7 @@ interface BunApi {
 interface BunSocket {
   data: { connection?: Connection; drained?: () => void } | undefined;
   write(bytes: Uint8Array): number;
-  end(): void;
+  end(bytes?: Uint8Array): void;
 }
 
 /**
@@ -1509,6 +1698,10 @@ function listenBun(
                   await new Promise<void>((resolve) => state.drained = resolve);
                 }
               }
+            },
+            end: (bytes) => {
+              state.connection = undefined;
+              socket.end(bytes);
             },
             close: () => {
               state.connection = undefined;
@@ -1568,19 +1761,20 @@ async function serveDenoConnection(
   events: ListenerEvents,
 ): Promise<void> {
   let closed = false;
+  const close = () => {
+    if (closed) return;
+    closed = true;
+    try {
+      conn.close();
+    } catch { /* already closed */ }
+  };
+  const write = async (bytes: Uint8Array) => {
+    for (let n = 0; n < bytes.length;) n += await conn.write(bytes.subarray(n));
+  };
   const connection = events.accept({
-    write: async (bytes) => {
-      for (let n = 0; n < bytes.length;) {
-        n += await conn.write(bytes.subarray(n));
-      }
-    },
-    close: () => {
-      if (closed) return;
-      closed = true;
-      try {
-        conn.close();
-      } catch { /* already closed */ }
-    },
+    write,
+    end: (bytes) => void write(bytes).then(close, close),
+    close,
   });
   if (!connection) return;
   // Small: a classic request is 20 bytes; longer ones take several reads.
