@@ -5,10 +5,13 @@
  * DIR/results.md and DIR/chart.svg, and prints the markdown.
  *
  * Usage: deno task bench
- *        deno run -A bench/run.ts [--tiny] [--out DIR]
+ *        deno run -A bench/run.ts [--tiny] [--only SECTIONS] [--out DIR]
  *
- *   --tiny      tiny sizes, one repetition: checks that the bench runs
- *   --out DIR   where to write results.md and chart.svg (default: bench/)
+ *   --tiny           tiny sizes, one repetition: checks that the bench runs
+ *   --only SECTIONS  only these sections, by name, comma-separated (pick,
+ *                    exhaust, server, startup, memory): for trying a change;
+ *                    the others show as not measured
+ *   --out DIR        where to write results.md and chart.svg (default: bench/)
  *
  * Written with node: APIs, so it also runs on Bun and Node; uses only the
  * library's public API and its CLI. Exits 1 when a figure could not be
@@ -32,6 +35,7 @@ const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..");
 const { values } = parseArgs({
   options: {
     tiny: { type: "boolean", default: false },
+    only: { type: "string" },
     out: { type: "string", default: join(ROOT, "bench") },
   },
 });
@@ -431,7 +435,11 @@ async function main(): Promise<number> {
   results.machine = await machine();
   // The load client, compiled here: it must outpace every server it drives.
   const gcc = await run(sh(`gcc -O2 -Wall -pthread -o ${LOAD} bench/load.c`));
+  const only = values.only?.split(",");
+  const unknown = only?.filter((s) => !report.SECTIONS.includes(s as Section));
+  if (unknown?.length) throw new Error(`--only: no section ${unknown}`);
   for (const section of report.SECTIONS) {
+    if (only && !only.includes(section)) continue;
     log(`section ${section}`);
     if (gcc.code === 0 || section !== "server" && section !== "memory") {
       await BENCHES[section]();
