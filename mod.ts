@@ -962,6 +962,11 @@ export class LineReader {
  * ```
  */
 export function isExtendedRequest(bytes: Uint8Array): boolean {
+  // Every verb starts with L, R, S or T; a classic request never does.
+  const first = bytes[0];
+  if (first !== 76 && first !== 82 && first !== 83 && first !== 84) {
+    return false;
+  }
   const head = String.fromCharCode(...bytes.subarray(0, 7));
   return /^(TAKE|LEASE|RETURN|STATUS)([ \r\n]|$)/.test(head);
 }
@@ -984,6 +989,20 @@ export function isExtendedRequest(bytes: Uint8Array): boolean {
 export function parseClassicRequest(bytes: Uint8Array): number | undefined {
   if (bytes.length > PROTOCOL_LIMITS.classicRequest || bytes.length === 0) {
     return undefined;
+  }
+  // The usual form, digits and a newline, without a string (at most 15
+  // digits: exact as a double, as Number() of the text would be).
+  let digits = 0;
+  let pid = 0;
+  for (; digits < bytes.length && bytes[digits] - 48 >>> 0 < 10; digits++) {
+    pid = pid * 10 + bytes[digits] - 48;
+  }
+  if (
+    digits > 0 && digits <= 15 &&
+    (digits === bytes.length ||
+      digits === bytes.length - 1 && bytes[digits] === 10)
+  ) {
+    return pid;
   }
   let text = "";
   for (const b of bytes) {

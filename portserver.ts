@@ -563,8 +563,8 @@ export class PortPool {
  * reading `/proc/<pid>/stat` is a third of a request's system calls. A pid
  * names another process only after the kernel has handed out every other
  * pid (Linux goes round up to pid_max), so {@linkcode startTimeTtlMs} keeps
- * an entry for less time than that takes at ten new processes a
- * microsecond. Only live processes are kept; the pool still reads /proc
+ * an entry for less time than that takes at a million new processes a
+ * second, several times more than any machine starts. Only live processes are kept; the pool still reads /proc
  * afresh whenever it decides whether an owner died.
  *
  * @example
@@ -626,7 +626,7 @@ export class StartTimes {
 
 /**
  * How long a pid's start time may be taken as read, given pid_max: the time
- * it takes to start pid_max processes at ten a microsecond, at most 1 s.
+ * it takes to start pid_max processes at a million a second, at most 1 s.
  *
  * @param pidMax `/proc/sys/kernel/pid_max`.
  * @returns Milliseconds.
@@ -635,11 +635,11 @@ export class StartTimes {
  * ```ts
  * import { startTimeTtlMs } from "@x/portpicker/portserver";
  *
- * console.log(startTimeTtlMs(32768)); // 3.2768
+ * console.log(startTimeTtlMs(32768)); // 32.768
  * ```
  */
 export function startTimeTtlMs(pidMax: number): number {
-  return Math.min(1000, Math.max(0, pidMax) / 10_000);
+  return Math.min(1000, Math.max(0, pidMax) / 1000);
 }
 
 /** The server's check of a port: synchronous where the C library can tell. */
@@ -846,7 +846,8 @@ class Connection {
   #server: Server;
   #transport: Transport;
   #reader: LineReader | undefined;
-  #bytes: Uint8Array[] = [];
+  /** A classic request's chunks so far, when it came in pieces. */
+  #bytes: Uint8Array[] | undefined;
   #state: "reading" | "answering" | "leased" | "closed" = "reading";
   /** The request's deadline: the connection's batch of {@linkcode Deadlines}. */
   #deadline: Set<Connection> | undefined;
@@ -879,9 +880,17 @@ class Connection {
 
   data(chunk: Uint8Array): void {
     if (this.#state !== "reading") return;
-    if (!this.#reader && this.#bytes.length === 0) {
-      const extended = isExtendedRequest(chunk);
-      if (extended) this.#reader = new LineReader(PROTOCOL_LIMITS.request);
+    if (!this.#reader && !this.#bytes) {
+      if (isExtendedRequest(chunk)) {
+        this.#reader = new LineReader(PROTOCOL_LIMITS.request);
+      } else if (
+        chunk.length > PROTOCOL_LIMITS.classicRequest || chunk.includes(10)
+      ) {
+        // Nearly every classic request: whole in its first chunk.
+        return this.#answer(() => this.#server.classic(chunk));
+      } else {
+        this.#bytes = [];
+      }
     }
     if (this.#reader) {
       let line: string | undefined;
@@ -893,9 +902,9 @@ class Connection {
       if (line !== undefined) this.#answer(() => this.#server.extended(line));
       return;
     }
-    this.#bytes.push(chunk);
+    this.#bytes!.push(chunk);
     clearTimeout(this.#idle);
-    const size = this.#bytes.reduce((n, c) => n + c.length, 0);
+    const size = this.#bytes!.reduce((n, c) => n + c.length, 0);
     if (size > PROTOCOL_LIMITS.classicRequest || chunk.includes(10)) {
       return this.#classic();
     }
@@ -910,7 +919,7 @@ class Connection {
         if (this.#reader.size === 0) return this.close();
         return this.#refuse("a request without a newline");
       }
-      if (this.#bytes.length) return this.#classic();
+      if (this.#bytes?.length) return this.#classic();
       return this.close();
     }
     // A lease lasts while the connection is open, both ways.
@@ -921,8 +930,8 @@ class Connection {
     if (this.#state === "closed") return;
     this.#state = "closed";
     this.#deadline?.delete(this);
-    clearTimeout(this.#timer);
-    clearTimeout(this.#idle);
+    if (this.#timer !== undefined) clearTimeout(this.#timer);
+    if (this.#idle !== undefined) clearTimeout(this.#idle);
     const onEnd = this.#onEnd;
     this.#onEnd = undefined;
     onEnd?.();
@@ -933,9 +942,7 @@ class Connection {
   #classic(): void {
     if (this.#state !== "reading") return;
     clearTimeout(this.#idle);
-    const bytes = this.#bytes.length === 1
-      ? this.#bytes[0]
-      : concatBytes(this.#bytes);
+    const bytes = concatBytes(this.#bytes!);
     this.#answer(() => this.#server.classic(bytes));
   }
 
@@ -947,7 +954,7 @@ class Connection {
   #answer(handle: () => Answer | Promise<Answer>): void {
     this.#state = "answering";
     this.#deadline?.delete(this);
-    clearTimeout(this.#idle);
+    if (this.#idle !== undefined) clearTimeout(this.#idle);
     const failed = (error: unknown) => {
       this.#server.warn(`Request failed: ${(error as Error).message}`);
       this.close();
