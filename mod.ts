@@ -1557,10 +1557,19 @@ function bindNow(proto: Proto, port: number): number | undefined | null {
   if (fd < 0) return null;
   socketAddressView.setUint16(2, port, false);
   addressLength[0] = 28;
-  const bound =
-    c.setsockopt(fd, LINUX.IPPROTO_IPV6, LINUX.IPV6_V6ONLY, ZERO, 4) === 0 &&
-    (!tcp ||
-      c.setsockopt(fd, LINUX.SOL_SOCKET, LINUX.SO_REUSEADDR, ONE, 4) === 0) &&
+  let bound =
+    c.setsockopt(fd, LINUX.IPPROTO_IPV6, LINUX.IPV6_V6ONLY, ZERO, 4) ===
+      0;
+  // A TCP port that nothing at all is bound to binds without SO_REUSEADDR,
+  // and then a listen cannot fail: that stronger bind saves two calls and a
+  // listening socket. Only when it fails (a connection in TIME_WAIT, say)
+  // does the same socket go on to the binds of `bindSocket`.
+  if (bound && tcp && port !== 0 && c.bind(fd, socketAddress, 28) === 0) {
+    c.close(fd);
+    return port;
+  }
+  bound &&= (!tcp ||
+    c.setsockopt(fd, LINUX.SOL_SOCKET, LINUX.SO_REUSEADDR, ONE, 4) === 0) &&
     c.bind(fd, socketAddress, 28) === 0 &&
     (!tcp || c.listen(fd, 1) === 0) &&
     (port !== 0 || c.getsockname(fd, socketAddress, addressLength) === 0);
