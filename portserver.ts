@@ -1745,9 +1745,44 @@ interface BunApi {
 }
 
 interface BunSocket {
-  data: { connection?: Connection; drained?: () => void } | undefined;
+  data: BunTransport | undefined;
   write(bytes: Uint8Array): number;
   end(bytes?: Uint8Array): void;
+}
+
+/** A connection's transport over a Bun socket; also the socket's `data`. */
+class BunTransport implements Transport {
+  connection: Connection | undefined;
+  /** Wakes a write waiting for the kernel to take more. */
+  drained: (() => void) | undefined;
+  readonly #socket: BunSocket;
+
+  constructor(socket: BunSocket) {
+    this.#socket = socket;
+  }
+
+  async write(bytes: Uint8Array): Promise<void> {
+    let n = 0;
+    while (n < bytes.length) {
+      const wrote = this.#socket.write(bytes.subarray(n));
+      if (wrote < 0) throw new Error("the client went away");
+      n += wrote;
+      if (n < bytes.length) {
+        await new Promise<void>((resolve) => this.drained = resolve);
+      }
+    }
+  }
+
+  end(bytes: Uint8Array): void {
+    this.connection = undefined;
+    this.#socket.end(bytes);
+  }
+
+  close(): void {
+    this.connection = undefined;
+    this.drained?.();
+    this.#socket.end();
+  }
 }
 
 /**
@@ -1770,30 +1805,9 @@ function listenBun(
       allowHalfOpen: true,
       socket: {
         open(socket) {
-          const state: NonNullable<BunSocket["data"]> = {};
-          socket.data = state;
-          state.connection = events.accept({
-            write: async (bytes) => {
-              let n = 0;
-              while (n < bytes.length) {
-                const wrote = socket.write(bytes.subarray(n));
-                if (wrote < 0) throw new Error("the client went away");
-                n += wrote;
-                if (n < bytes.length) {
-                  await new Promise<void>((resolve) => state.drained = resolve);
-                }
-              }
-            },
-            end: (bytes) => {
-              state.connection = undefined;
-              socket.end(bytes);
-            },
-            close: () => {
-              state.connection = undefined;
-              state.drained?.();
-              socket.end();
-            },
-          });
+          const transport = new BunTransport(socket);
+          socket.data = transport;
+          transport.connection = events.accept(transport);
         },
         data: (socket, chunk) => socket.data?.connection?.data(chunk),
         drain: (socket) => socket.data?.drained?.(),
