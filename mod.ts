@@ -1488,15 +1488,15 @@ function openLibc(): Libc | null {
     close: [["i32"], "i32"],
     __errno_location: [[], "pointer"],
   };
+  // Never a permission prompt: only when already granted.
+  const allowed = deno
+    ? typeof deno.dlopen === "function" &&
+      deno.permissions.querySync({ name: "ffi" }).state === "granted"
+    : bun !== undefined;
+  // PORTPICKER_NO_FFI: the way out, should a runtime's FFI ever misbehave.
+  if (!allowed || readEnv("PORTPICKER_NO_FFI")) return null;
   try {
     if (deno) {
-      // Never a permission prompt: only when already granted.
-      if (
-        typeof deno.dlopen !== "function" ||
-        deno.permissions.querySync({ name: "ffi" }).state !== "granted"
-      ) {
-        return null;
-      }
       const symbols = Object.fromEntries(
         Object.entries(signatures).map(([name, [parameters, result]]) => [
           name,

@@ -594,6 +594,11 @@ export class StartTimes {
     this.ttlMs = ttlMs;
   }
 
+  /** How many pids are kept. */
+  get size(): number {
+    return this.#readAt.size;
+  }
+
   /**
    * The start time of `pid`, 0 when it does not exist.
    *
@@ -643,7 +648,7 @@ export function startTimeTtlMs(pidMax: number): number {
 }
 
 /** The server's check of a port: synchronous where the C library can tell. */
-const checkPort = (port: number): boolean | Promise<boolean> =>
+const portIsFree = (port: number): boolean | Promise<boolean> =>
   isPortFreeSync(port) ?? isPortFree(port);
 
 /** `f` of `value`, at once when it is not a promise. */
@@ -1409,7 +1414,7 @@ class Server implements PortServer {
     owner: number,
     label: string | undefined,
   ): number[] | undefined | Promise<number[] | undefined> {
-    const taken = this.#pool.take(count, owner, label, checkPort, alive);
+    const taken = this.#pool.take(count, owner, label, portIsFree, alive);
     return then(taken, ({ ports, checked, inUse }) => {
       this.#counters.numPortsCheckedForLastRequest = checked;
       for (const port of inUse) this.info(`Port ${port} unexpectedly in use.`);

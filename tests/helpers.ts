@@ -321,6 +321,38 @@ sys.stdin.read()
   return { release: async () => void await proc.stop("SIGKILL") };
 }
 
+/**
+ * A port of the kernel's choice whose only socket is a connection in
+ * TIME_WAIT (the server closed first), made by Python: a bind without
+ * SO_REUSEADDR fails there, one with it succeeds (Python checks both). The
+ * kernel's choice lies outside every test's region, so the 60 s of
+ * TIME_WAIT never get in another test's way.
+ */
+export async function timeWaitWithPython(): Promise<number> {
+  const script = `
+import errno, socket
+l = socket.socket(socket.AF_INET6)
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("::", 0)); l.listen(1)
+port = l.getsockname()[1]
+c = socket.create_connection(("::1", port)); s, _ = l.accept()
+s.close(); c.recv(1); c.close(); l.close()
+plain = socket.socket(socket.AF_INET6)
+try:
+    plain.bind(("::", port)); raise SystemExit("no TIME_WAIT on %d" % port)
+except OSError as e:
+    if e.errno != errno.EADDRINUSE: raise
+reuse = socket.socket(socket.AF_INET6)
+reuse.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+reuse.bind(("::", port)); reuse.listen(1); reuse.close()
+print(port)
+`;
+  const result = await run([PYTHON, "-c", script]);
+  if (result.code !== 0) throw new Error(`TIME_WAIT: ${result.stderr}`);
+  return Number(result.stdout.trim());
+}
+
+/** A unique abstract socket name for one test. */
 /** A unique abstract socket name for one test. */
 export function uniqueName(prefix: string): string {
   return `@${prefix}-${process.pid}-${Math.random().toString(36).slice(2, 10)}`;
@@ -388,10 +420,12 @@ export function tempDir(
 /** The command that runs a script at an absolute path on the runtime running the test. */
 export function scriptCommand(path: string): string[] {
   if (RUNTIME === "deno") {
-    const unstable = process.env.PORTPICKER_TEST_NO_UNSTABLE
-      ? []
+    // The suite without --unstable-net is what `deno test --allow-net`
+    // gives: no FFI either.
+    const flags = process.env.PORTPICKER_TEST_NO_UNSTABLE
+      ? ["--deny-ffi"]
       : ["--unstable-net"];
-    return [g.Deno.execPath(), "run", "-A", "--no-config", ...unstable, path];
+    return [g.Deno.execPath(), "run", "-A", "--no-config", ...flags, path];
   }
   return [process.execPath, path];
 }

@@ -13,6 +13,7 @@ import {
   forgetPorts,
   getPortFromPortServer,
   isPortFree,
+  isPortFreeSync,
   NoFreePortFoundError,
   pickUnusedPort,
   pickUnusedPorts,
@@ -31,9 +32,11 @@ import {
   type Proc,
   run,
   runScript,
+  RUNTIME,
   sleep,
   startPythonPortserver,
   tempDir,
+  timeWaitWithPython,
   tool,
   uniqueName,
 } from "./helpers.ts";
@@ -130,6 +133,81 @@ for (const kind of HOLD_KINDS) {
     }
   });
 }
+
+/**
+ * Whether this process checks through the C library: Bun, and Deno with
+ * --allow-ffi, on Linux (x64 or arm64, glibc), unless PORTPICKER_NO_FFI.
+ */
+const THROUGH_LIBC = process.platform === "linux" &&
+  ["x64", "arm64"].includes(process.arch) && !process.env.PORTPICKER_NO_FFI &&
+  (RUNTIME === "bun" ||
+    RUNTIME === "deno" &&
+      // deno-lint-ignore no-explicit-any
+      (globalThis as any).Deno.permissions.querySync({ name: "ffi" }).state ===
+        "granted");
+
+test("isPortFreeSync gives isPortFree's answer at once through the C library, else undefined", async () => {
+  const [port] = await freeRange(1);
+  assert.equal(isPortFreeSync(port), THROUGH_LIBC ? true : undefined);
+  for (const kind of HOLD_KINDS) {
+    const holder = await holdWithPython(kind);
+    try {
+      assert.equal(
+        isPortFreeSync(holder.port),
+        THROUGH_LIBC ? false : undefined,
+        `held by a ${kind} socket`,
+      );
+      assert.equal(await isPortFree(holder.port), false, kind);
+    } finally {
+      await holder.release();
+    }
+  }
+  for (const bad of [0, 65536, 1.5, "80", undefined]) {
+    assert.throws(
+      () => isPortFreeSync(bad as number),
+      /port/,
+      `isPortFreeSync(${String(bad)})`,
+    );
+  }
+});
+
+test("a port whose only socket is a connection in TIME_WAIT is free, as for Python (SO_REUSEADDR)", async () => {
+  const port = await timeWaitWithPython();
+  assert.equal(await isPortFree(port), true);
+  assert.equal(isPortFreeSync(port), THROUGH_LIBC ? true : undefined);
+  assert.equal(await bind(port, "tcp"), port);
+});
+
+test("PORTPICKER_NO_FFI: the runtime's own sockets give the C library's answers", async () => {
+  const [free] = await freeRange(1);
+  const timeWait = await timeWaitWithPython();
+  const holders = await Promise.all(HOLD_KINDS.map((k) => holdWithPython(k)));
+  try {
+    const ports = [free, timeWait, ...holders.map((h) => h.port)];
+    const here = await Promise.all(ports.map((p) => isPortFree(p)));
+    assert.deepEqual(here, [true, true, ...HOLD_KINDS.map(() => false)]);
+    const result = await runScript(
+      `
+import { isPortFree, isPortFreeSync, pickUnusedPort } from ${
+        JSON.stringify(MOD_URL)
+      };
+const ports = ${JSON.stringify(ports)};
+const answers = [];
+for (const port of ports) answers.push(await isPortFree(port));
+const picked = await pickUnusedPort();
+console.log(JSON.stringify({ sync: isPortFreeSync(ports[0]) ?? null, answers, picked }));
+`,
+      { env: { PORTPICKER_NO_FFI: "1" } },
+    );
+    assert.equal(result.code, 0, result.stderr);
+    const out = JSON.parse(result.stdout);
+    assert.equal(out.sync, null, "the C library was used all the same");
+    assert.deepEqual(out.answers, here);
+    assert.ok(out.picked >= 1 && out.picked <= 65535, result.stdout);
+  } finally {
+    await Promise.all(holders.map((h) => h.release()));
+  }
+});
 
 test("a reserved port is handed out first, without a check; returned, it comes first again", async () => {
   // Busy: handed out all the same, since reserved ports are not checked.

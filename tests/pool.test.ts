@@ -6,7 +6,12 @@
 import assert from "node:assert/strict";
 import test from "node:test";
 import { parseStatus, PROTOCOL_LIMITS } from "../mod.ts";
-import { type AliveCheck, PortPool } from "../portserver.ts";
+import {
+  type AliveCheck,
+  PortPool,
+  StartTimes,
+  startTimeTtlMs,
+} from "../portserver.ts";
 
 const free = () => Promise.resolve(true);
 const everyoneAlive: AliveCheck = () => true;
@@ -207,4 +212,79 @@ test("version changes whenever a port is taken or freed, and only then", async (
   assert.equal(pool.version, v1, "freeing a port not held changed it");
   pool.release([20000], a);
   assert.notEqual(pool.version, v1);
+});
+
+test("take answers at once while every check does, and goes on asynchronously from the first that does not", async () => {
+  const pool = new PortPool(range(20000, 4));
+  const a = pool.ownerOf(100, 1);
+  const now = pool.take(2, a, undefined, () => true, everyoneAlive);
+  assert.ok(!(now instanceof Promise), "a promise for synchronous checks");
+  assert.deepEqual(now.ports, [20000, 20001]);
+  // 20002 is checked synchronously and busy; 20003 asynchronously and free;
+  // then the ring comes round to 20002 again, asynchronously.
+  const checked: string[] = [];
+  const mixed = pool.take(2, a, "m", (port) => {
+    if (port === 20002 && checked.length === 0) {
+      checked.push(`${port} now`);
+      return false;
+    }
+    checked.push(`${port} later`);
+    return Promise.resolve(true);
+  }, everyoneAlive);
+  assert.ok(mixed instanceof Promise);
+  const taken = await mixed;
+  assert.deepEqual(checked, ["20002 now", "20003 later", "20002 later"]);
+  assert.deepEqual(taken.ports, [20003, 20002]);
+  assert.deepEqual(taken.inUse, [20002]);
+  assert.equal(taken.checked, 3);
+  assert.equal(pool.allocated, 4);
+});
+
+test("a pool rejects a value that is not a port, naming it; repeats are ignored", () => {
+  for (const bad of [0, 65536, 1.5, NaN]) {
+    assert.throws(() => new PortPool([20000, bad]), new RegExp(String(bad)));
+  }
+  const pool = new PortPool([20001, 20000, 20001, 20002, 20000]);
+  assert.equal(pool.size, 3);
+  const a = pool.ownerOf(100, 1);
+  const taken = pool.take(3, a, undefined, () => true, everyoneAlive);
+  assert.deepEqual((taken as { ports: number[] }).ports, [20001, 20000, 20002]);
+});
+
+test("StartTimes reads a pid once per ttlMs, keeps only live processes, and stays bounded", () => {
+  const reads: number[] = [];
+  const live = new Set([100, 200]);
+  const times = new StartTimes((pid) => {
+    reads.push(pid);
+    return live.has(pid) ? pid * 10 : 0;
+  }, 5);
+  assert.equal(times.get(100, 0), 1000);
+  assert.equal(times.get(100, 4.9), 1000);
+  assert.deepEqual(reads, [100]);
+  assert.equal(times.get(100, 5), 1000);
+  assert.deepEqual(reads, [100, 100]);
+  // A process that does not exist is read every time, never kept.
+  assert.equal(times.get(300, 6), 0);
+  assert.equal(times.get(300, 6), 0);
+  assert.deepEqual(reads, [100, 100, 300, 300]);
+  // One that died is read again once its time is up, and dropped.
+  live.delete(200);
+  assert.equal(times.get(200, 0), 0);
+  live.add(200);
+  assert.equal(times.get(200, 10), 2000);
+  live.delete(200);
+  assert.equal(times.get(200, 12), 2000, "kept within ttlMs");
+  assert.equal(times.get(200, 15), 0, "read again after ttlMs");
+  // Thousands of pids: expired entries are pruned, so the map stays small.
+  const many = new StartTimes(() => 1, 1);
+  for (let pid = 2; pid < 100_000; pid++) many.get(pid, pid);
+  assert.ok(many.size <= 4096, `${many.size} pids kept`);
+  assert.equal(many.get(99_999, 99_999.5), 1);
+});
+
+test("startTimeTtlMs: pid_max microseconds, at most 1 s; 0 (no caching) when pid_max is unknown", () => {
+  assert.equal(startTimeTtlMs(32768), 32.768);
+  assert.equal(startTimeTtlMs(4_194_304), 1000);
+  assert.equal(startTimeTtlMs(0), 0);
+  assert.equal(startTimeTtlMs(-5), 0);
 });
