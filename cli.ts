@@ -94,8 +94,9 @@ Options:
                          what the umask leaves)
       --state FILE       keep allocations in FILE across restarts
       --timeout SECONDS  how long a client may take to send its request, and
-                         then to take its reply, before it is dropped
-                         (default: 2)
+                         then to take a long reply, before it is dropped
+                         (checked every tenth of it, at most 100 ms;
+                         default: 2)
       --verbose          log every request
       --debug            log every request (as --verbose)
   -h, --help             print this help

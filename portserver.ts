@@ -73,8 +73,11 @@ export interface PortServerOptions {
   /** Where log lines go; default stderr. */
   log?: (line: string) => void;
   /**
-   * How long a client may take to send its request, and then to take its
-   * reply, in milliseconds; a slower client is dropped. Default 2000.
+   * How long a client may take to send its request, and then to take a long
+   * reply (one over `PROTOCOL_LIMITS.reply`, which the socket buffer does not
+   * take at once), in milliseconds; a slower client is dropped. Request
+   * deadlines are checked in batches, every tenth of this (at most 100 ms).
+   * Default 2000.
    */
   timeoutMs?: number;
   /** The permissions of the socket file (say `0o660`); default the umask's. */

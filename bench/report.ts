@@ -24,7 +24,8 @@ export const RUNTIMES = { deno: "Deno", bun: "Bun" };
 /** Each section's kinds of process, in the report's order, with their names. */
 export const PICKERS = {
   deno: "ours, `pickUnusedPort` on Deno",
-  "deno-stable": "ours on Deno without `--unstable-net`",
+  "deno-net": "ours on Deno with `--unstable-net`, no FFI",
+  "deno-stable": "ours on Deno without `--unstable-net`, no FFI",
   bun: "ours, `pickUnusedPort` on Bun",
   node: "ours, `pickUnusedPort` on Node",
   python: "Python `portpicker.pick_unused_port`",
@@ -32,9 +33,11 @@ export const PICKERS = {
 };
 export const MEMORY: Record<string, string> = {
   deno: "ours on Deno",
+  "deno-lean": "ours on Deno, lean V8 flags",
   "deno-trivial": "trivial reply server on Deno",
   "deno-empty": "empty Deno (an idle script)",
   bun: "ours on Bun",
+  "bun-lean": "ours on Bun, `--smol`",
   "bun-trivial": "trivial reply server on Bun",
   "bun-empty": "empty Bun (an idle script)",
   python: "Python `portserver`",
@@ -50,7 +53,15 @@ export const STARTUPS: Record<string, string> = {
   python: "`python3 -m portpicker`",
 };
 /** The internal targets: each one's goal, and what it means. */
-const GOAL = { pick: 2, python: 5, limit: 0.5, own: 0.8, binary: 2, rss: 1 };
+const GOAL = {
+  pick: 2,
+  python: 5,
+  limit: 0.5,
+  own: 0.8,
+  binary: 2,
+  rss: 1,
+  rssLean: 1,
+};
 type Target = keyof typeof GOAL;
 const TARGETS: Record<Target, string> = {
   pick: "Picking at least 2× Python's rate on Deno and Bun",
@@ -63,6 +74,8 @@ const TARGETS: Record<Target, string> = {
     "Compiled binary's start-up at most half of Python's (Python ÷ binary ≥ 2)",
   rss:
     "Server's peak RSS with the pool handed out at most the trivial reply server's + 10 MiB ((trivial + 10 MiB) ÷ ours ≥ 1)",
+  rssLean:
+    "The same, run lean (Deno with `--v8-flags=--max-semi-space-size=1,--no-opt,--no-maglev`, Bun with `--smol`)",
 };
 
 /**
@@ -142,8 +155,9 @@ function figures({ samples, sizes }: Results) {
     own: (s: string, c: number) => ratio(rps(s, 90, c), rps(s, 0, c)),
     limit: (r: string, o: number) => ratio(rps(r, o), rps(`${r}-trivial`, 0)),
     startup: (s: string) => ratio(get("startup/python"), get(`startup/${s}`)),
-    /** (The trivial server's peak RSS + 10 MiB) ÷ ours, the pool handed out. */
-    rss: (r: string) => ratio((full(`${r}-trivial`) ?? NaN) + 10240, full(r)),
+    /** (The trivial server's peak RSS + 10 MiB) ÷ ours (`${r}${as}`), the pool handed out. */
+    rss: (r: string, as = "") =>
+      ratio((full(`${r}-trivial`) ?? NaN) + 10240, full(`${r}${as}`)),
   };
 }
 type Figures = ReturnType<typeof figures>;
@@ -166,6 +180,7 @@ export function headlines(results: Results) {
   add("Picking rate: Deno ÷ Python", f.pick("deno"), "pick", "Deno");
   add("Picking rate: Bun ÷ Python", f.pick("bun"), "pick", "Bun");
   add("Picking rate: Node ÷ Python", f.pick("node"));
+  add("Picking: Deno, --unstable-net, no FFI ÷ Python", f.pick("deno-net"));
   add("Picking: Deno without --unstable-net ÷ Python", f.pick("deno-stable"));
   const { ours, python } = results.exhaustion;
   // A capped run (--tiny) says nothing about the ratio.
@@ -196,6 +211,7 @@ export function headlines(results: Results) {
     const python = ratio(f.full("python"), f.full(r));
     add(`Peak RSS, pool handed out: Python ÷ ${name}`, python);
     add(`Same, (trivial + 10 MiB) ÷ ${name}`, f.rss(r), "rss", name);
+    add("", f.rss(r, "-lean"), "rssLean", name);
   }
   const targets = [...parts].map(([target, values]) => {
     const measured = values.map(([name, v]) => `${name} ${times(v)}`);
@@ -223,7 +239,7 @@ const TEXT: Record<Section, (results: Results, f: Figures) => string[]> = {
     const head =
       "picker | ports/s | ours ÷ Python | ours ÷ get-port | checks/s | checks ÷ Python's ports/s";
     return [
-      `Ports per second, no port server: ${n} picks in one process after 20 warm-up picks, the process timing itself (start-up excluded). Ratios: ours ÷ theirs, above 1 means ours picks faster. Ours runs as \`deno run -A --unstable-net\`, \`bun\` and \`node\`; the row without \`--unstable-net\` is what a JSR user gets with \`deno test --allow-net\` (here \`deno run --allow-net --allow-env --allow-read --no-config\`): the UDP half of each check goes through \`node:dgram\` instead of \`Deno.listenDatagram\`.`,
+      `Ports per second, no port server: ${n} picks in one process after 20 warm-up picks, the process timing itself (start-up excluded). Ratios: ours ÷ theirs, above 1 means ours picks faster. Ours runs as \`deno run -A --unstable-net\`, \`bun\` and \`node\`: on Bun, and on Deno with \`-A\` (which grants \`--allow-ffi\`), each check binds through the C library; on Node, through \`node:net\` and \`node:dgram\`. The two rows without FFI are what a JSR user gets with \`deno test --allow-net\` (here \`deno run --allow-net --allow-env --allow-read --no-config\`), with and without \`--unstable-net\` in their \`deno.json\`: Deno's own sockets, and without the flag the UDP half through \`node:dgram\`.`,
       `Checks per second: the same process then checks one free port ${n} times (\`isPortFree\`, Python's \`is_port_free\`). Every pick needs at least one check, since a port is free only when it binds on both TCP and UDP, so a runtime's check rate is the most its picker could reach; the last column is that ceiling ÷ Python's picking rate. Ours binds once a protocol where the host is dual-stack, Python once a protocol and family.`,
       table(head, rows),
     ];
@@ -314,15 +330,17 @@ const TEXT: Record<Section, (results: Results, f: Figures) => string[]> = {
     const rows = Object.entries(MEMORY).map(([m, name]) => {
       const [start, full] = [f.get(`memory/${m}/start`), f.full(m)];
       const empty = f.get(`memory/${m.replace(/-.*/, "")}-empty/start`) ?? NaN;
-      const python = m in RUNTIMES ? ratio(full, f.full("python")) : undefined;
+      const ours = m.replace(/-lean$/, "") in RUNTIMES;
+      const python = ours ? ratio(full, f.full("python")) : undefined;
       const over = m === "python" ? NONE : mib((full ?? NaN) - empty);
       const name_ = f.name(name, `memory/${m}/start`);
-      return [name_, mib(start), mib(full), over, times(python)];
+      const rps = /empty/.test(m) ? NONE : thousands(f.get(`memory/${m}/rps`));
+      return [name_, mib(start), mib(full), over, times(python), rps];
     });
     const head =
-      "process | after start, MiB | pool handed out, MiB | over the empty runtime, MiB | ours ÷ Python";
+      "process | after start, MiB | pool handed out, MiB | over the empty runtime, MiB | ours ÷ Python | requests/s handing out";
     return [
-      `Peak resident set size (VmHWM) of each server with a pool of ${n} ports (${ranges}): once it serves, and after it has handed out every port of the pool to a live process (${n} replies, for the trivial reply server); and the runtime's empty baseline: the same runtime, with the same flags, running a script that only prints a line and waits. Over the empty runtime: the peak RSS with the pool handed out − the empty runtime's. Ours ÷ Python: below 1 means ours uses less memory.`,
+      `Peak resident set size (VmHWM) of each server with a pool of ${n} ports (${ranges}): once it serves, and after it has handed out every port of the pool to a live process (${n} replies, for the trivial reply server); and the runtime's empty baseline: the same runtime, with the same flags, running a script that only prints a line and waits. Over the empty runtime: the peak RSS with the pool handed out − the empty runtime's (for the lean rows, the plain empty runtime's). Ours ÷ Python: below 1 means ours uses less memory. Requests/s handing out: the rate of those ${n} replies at 16 clients, which shows what the lean flags cost (\`deno run -A --unstable-net --v8-flags=--max-semi-space-size=1,--no-opt,--no-maglev\`: no optimizing compilers, a young generation of at most 1 MiB; \`bun --smol\`).`,
       table(head, rows),
     ];
   },

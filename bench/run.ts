@@ -56,6 +56,10 @@ const sh = (line: string) => line.split(" ").map((w) => TOOLS[w] ?? w);
 const DENO_PICK = "deno run -A --unstable-net --no-config bench/pick.ts";
 /** What a JSR user gets with `deno test --allow-net`: no `--unstable-net`. */
 const DENO_STABLE = "deno run --allow-net --allow-env --allow-read --no-config";
+/** With --unstable-net but no FFI: Deno's own sockets for both halves. */
+const DENO_NET = `${DENO_STABLE} --unstable-net`;
+/** The lean server: V8 without its optimizing compilers, a small young generation. */
+const DENO_LEAN = "--v8-flags=--max-semi-space-size=1,--no-opt,--no-maglev";
 const tmp = fs.mkdtempSync(join(os.tmpdir(), "portpicker-bench-"));
 const LOAD = join(tmp, "load");
 
@@ -89,7 +93,13 @@ fs.writeFileSync(IDLE, 'console.log("Serving on"); setTimeout(() => {}, 1e9);');
 const SERVE: Record<string, (address: string, pool: string) => string[]> = {
   deno: (a, p) =>
     sh(`deno run -A --unstable-net cli.ts serve --pool ${p} --address ${a}`),
+  "deno-lean": (a, p) =>
+    sh(
+      `deno run -A --unstable-net ${DENO_LEAN} cli.ts serve --pool ${p} --address ${a}`,
+    ),
   bun: (a, p) => sh(`bun cli.ts serve --pool ${p} --address ${a}`),
+  "bun-lean": (a, p) =>
+    sh(`bun --smol cli.ts serve --pool ${p} --address ${a}`),
   python: (a, p) =>
     sh(`python3 /usr/bin/portserver --portserver_address=${a}`)
       .concat(`--portserver_static_pool=${p}`),
@@ -258,8 +268,9 @@ const load = (s: Server, args: number[]) =>
   runJson<Record<string, number>>([LOAD, s.address, ...args.map(String)]);
 
 /**
- * Hands out `count` ports (all of a pool) to live processes, at 16 clients,
- * untimed. A few may be in use by something else on the machine: noted.
+ * Hands out `count` ports (all of a pool) to live processes, at 16 clients;
+ * returns the rate. A few may be in use by something else on the machine:
+ * noted.
  */
 async function fill(s: Server, [a, b = a]: number[], share: number, n: number) {
   const r = await load(s, [a, b, share, n, 16]);
@@ -269,6 +280,7 @@ async function fill(s: Server, [a, b = a]: number[], share: number, n: number) {
     throw new Error(`${lost} (${replies}, ${r.errors} errors); ${s.log()}`);
   }
   if (missing > 0) note(`${lost} (in use by something else?).`);
+  return r.rps;
 }
 
 /**
@@ -295,6 +307,7 @@ const BENCHES: Record<Section, () => Promise<void>> = {
   async pick() {
     const commands: Record<string, string[]> = {
       deno: sh(`${DENO_PICK} ${picks}`),
+      "deno-net": sh(`${DENO_NET} bench/pick.ts ${picks}`),
       "deno-stable": sh(`${DENO_STABLE} bench/pick.ts ${picks}`),
       bun: sh(`bun bench/pick.ts ${picks}`),
       node: sh(`node bench/pick.ts ${picks}`),
@@ -386,8 +399,9 @@ const BENCHES: Record<Section, () => Promise<void>> = {
     const memory = served(spec, "", async (s) => {
       add(`memory/${s.name}/start`, peakRssKiB(s.pid));
       if (s.name.endsWith("-empty")) return;
-      await fill(s, [owner.pid], 100, memoryPool);
+      const rps = await fill(s, [owner.pid], 100, memoryPool);
       add(`memory/${s.name}/full`, peakRssKiB(s.pid));
+      add(`memory/${s.name}/rps`, rps);
     });
     await repeat("memory", reps, Object.keys(MEMORY), memory);
     await owner.stop();
