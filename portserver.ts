@@ -290,7 +290,7 @@ export class PortPool {
     const id = this.#byPid.get(pid);
     if (id !== undefined) {
       if (this.#owners.get(id)!.startTime === startTime) return id;
-      this.releaseOwner(id);
+      this.#dropOwner(id);
     }
     const next = this.#newOwner(pid, startTime);
     this.#byPid.set(pid, next);
@@ -425,26 +425,50 @@ export class PortPool {
 
   /** Frees every port of `owner` and forgets it; returns its ports. */
   releaseOwner(owner: number): number[] {
-    const o = this.#owners.get(owner);
-    if (!o) return [];
-    this.#owners.delete(owner);
-    if (o.pid !== 0 && this.#byPid.get(o.pid) === owner) {
-      this.#byPid.delete(o.pid);
-    }
-    const ports = [...o.slots].map((slot) => this.#port[slot]);
-    for (const slot of o.slots) this.#free(slot);
+    const slots = this.#owners.get(owner)?.slots ?? [];
+    const ports = Array.from(slots, (slot) => this.#port[slot]);
+    this.#dropOwner(owner);
     return ports;
   }
 
-  /** Frees the ports of every process that died: one look per owner. */
+  /**
+   * Frees the ports of every process that died: one look per owner. A
+   * request pays for it when the free ports run out, so it builds no list.
+   */
   reclaim(alive: AliveCheck): number {
     let freed = 0;
     for (const [id, owner] of [...this.#owners]) {
       // Leases end with their connection, not here.
       if (owner.pid === 0 || alive(owner.pid, owner.startTime)) continue;
-      freed += this.releaseOwner(id).length;
+      freed += this.#dropOwner(id);
     }
     return freed;
+  }
+
+  /** Frees every port of `owner` and forgets it; returns how many. */
+  #dropOwner(owner: number): number {
+    const o = this.#owners.get(owner);
+    if (!o) return 0;
+    this.#owners.delete(owner);
+    if (o.pid !== 0 && this.#byPid.get(o.pid) === owner) {
+      this.#byPid.delete(o.pid);
+    }
+    // The ring takes them back in one pass; no step but the one a slot.
+    const [ring, owners, size] = [this.#ring, this.#owner, this.size];
+    let end = (this.#head + this.#queued) % size;
+    for (const slot of o.slots) {
+      owners[slot] = 0;
+      ring[end] = slot;
+      if (++end === size) end = 0;
+    }
+    if (this.#labels.size > 0) {
+      for (const slot of o.slots) this.#labels.delete(slot);
+    }
+    const n = o.slots.size;
+    this.#queued += n;
+    this.#allocated -= n;
+    this.#version++;
+    return n;
   }
 
   /** The allocations of processes, for the state file (leases end with us). */
@@ -543,7 +567,7 @@ export class PortPool {
 
   #free(slot: number): void {
     this.#owner[slot] = 0;
-    this.#labels.delete(slot);
+    if (this.#labels.size > 0) this.#labels.delete(slot);
     this.#allocated--;
     this.#version++;
     this.#push(slot);

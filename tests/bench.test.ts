@@ -86,18 +86,22 @@ test("bench/run.ts --tiny writes the report and a valid SVG chart", {
     const targets = markdown.slice(markdown.indexOf(`\n${TARGETS_HEADER}\n`));
     assert.ok(targets.length > TARGETS_HEADER.length, "a Targets section");
     const verdicts = targets.match(/^- \*\*(MET|NOT MET)\*\*: /gm) ?? [];
-    assert.equal(verdicts.length, 6, `six targets judged:\n${targets}`);
+    assert.equal(verdicts.length, 7, `seven targets judged:\n${targets}`);
     assert.match(markdown, /\*\*\d+\s+cores\*\*/);
     // The rows of issue 11: Deno without --unstable-net, the trivial reply
     // server (the runtime's limit) measured by the C load client, and RSS
     // over the empty runtime; a figure that failed would read "—".
     for (
       const row of [
-        /^\| ours on Deno without `--unstable-net` +\| +[\d,]+ \|/m,
+        /^\| ours on Deno without `--unstable-net`, no FFI +\| +[\d,]+ \|/m,
+        /^\| ours on Deno with `--unstable-net`, no FFI +\| +[\d,]+ \|/m,
         /^\| Deno +\| +[\d,]+ \| +[\d—]+ \| +[\d.]+× \|/m,
         /^\| Bun +\| +[\d,]+ \| +[\d—]+ \| +[\d.]+× \|/m,
         /^\| trivial reply server on Deno +\| +[\d.]+ \| +[\d.]+ \| +-?[\d.]+ \|/m,
         /^\| empty Bun \(an idle script\) +\| +[\d.]+ \|/m,
+        // The lean servers, with their rate while handing out the pool.
+        /^\| ours on Deno, lean V8 flags +\|( +[\d.]+ \|){2} +-?[\d.]+ \| +[\d.]+× \| +[\d,]+ \|$/m,
+        /^\| ours on Bun, `--smol` +\|( +[\d.]+ \|){2} +-?[\d.]+ \| +[\d.]+× \| +[\d,]+ \|$/m,
       ]
     ) assert.match(markdown, row);
 
