@@ -1555,31 +1555,34 @@ function bindNow(proto: Proto, port: number): number | undefined | null {
     0,
   );
   if (fd < 0) return null;
-  socketAddressView.setUint16(2, port, false);
-  addressLength[0] = 28;
-  let bound =
-    c.setsockopt(fd, LINUX.IPPROTO_IPV6, LINUX.IPV6_V6ONLY, ZERO, 4) ===
-      0;
-  // A TCP port that nothing at all is bound to binds without SO_REUSEADDR,
-  // and then a listen cannot fail: that stronger bind saves two calls and a
-  // listening socket. Only when it fails (a connection in TIME_WAIT, say)
-  // does the same socket go on to the binds of `bindSocket`.
-  if (bound && tcp && port !== 0 && c.bind(fd, socketAddress, 28) === 0) {
+  try {
+    socketAddressView.setUint16(2, port, false);
+    addressLength[0] = 28;
+    const dual =
+      c.setsockopt(fd, LINUX.IPPROTO_IPV6, LINUX.IPV6_V6ONLY, ZERO, 4) === 0;
+    // A TCP port that nothing at all is bound to binds without SO_REUSEADDR,
+    // and then a listen cannot fail: that stronger bind saves two calls and
+    // a listening socket. Only when it fails (a connection in TIME_WAIT,
+    // say) does the same socket go on to the binds of `bindSocket`.
+    if (dual && tcp && port !== 0 && c.bind(fd, socketAddress, 28) === 0) {
+      return port;
+    }
+    const bound = dual &&
+      (!tcp ||
+        c.setsockopt(fd, LINUX.SOL_SOCKET, LINUX.SO_REUSEADDR, ONE, 4) ===
+          0) &&
+      c.bind(fd, socketAddress, 28) === 0 &&
+      (!tcp || c.listen(fd, 1) === 0) &&
+      (port !== 0 || c.getsockname(fd, socketAddress, addressLength) === 0);
+    if (bound) return port || socketAddressView.getUint16(2, false);
+    const errno = c.errno();
+    return errno === LINUX.EADDRINUSE || errno === LINUX.EACCES ||
+        errno === LINUX.EPERM
+      ? undefined
+      : null;
+  } finally {
     c.close(fd);
-    return port;
   }
-  bound &&= (!tcp ||
-    c.setsockopt(fd, LINUX.SOL_SOCKET, LINUX.SO_REUSEADDR, ONE, 4) === 0) &&
-    c.bind(fd, socketAddress, 28) === 0 &&
-    (!tcp || c.listen(fd, 1) === 0) &&
-    (port !== 0 || c.getsockname(fd, socketAddress, addressLength) === 0);
-  const errno = bound ? 0 : c.errno();
-  c.close(fd);
-  if (bound) return port || socketAddressView.getUint16(2, false);
-  return errno === LINUX.EADDRINUSE || errno === LINUX.EACCES ||
-      errno === LINUX.EPERM
-    ? undefined
-    : null;
 }
 
 /** A Unix stream connection, the same on every runtime. */
