@@ -286,10 +286,21 @@ const TEXT: Record<Section, (results: Results, f: Figures) => string[]> = {
       const [rps, cpu] = [f.get(`${key}/rps`), f.get(`${key}/cpu`)];
       const busy = fixed((rps ?? NaN) * (cpu ?? NaN) / 1e4, 0);
       const ours = OCCUPANCIES.map((o) => times(f.limit(r, o)));
-      return [f.name(name, `${key}/rps`), thousands(rps), busy, ...ours];
+      const steady = ratio(
+        f.get(`memory/${r}/rps`),
+        f.get(`memory/${r}-trivial/rps`),
+      );
+      return [
+        f.name(name, `${key}/rps`),
+        thousands(rps),
+        busy,
+        ...ours,
+        times(steady),
+      ];
     });
+    const steadyHead = `${thousands(sizes.memoryPool)} requests (§5)`;
     const limit =
-      "runtime | trivial server, requests/s | its CPU, % | ours ÷ trivial, 0 % held | 50 % held | 90 % held";
+      `runtime | trivial server, requests/s | its CPU, % | ours ÷ trivial, 0 % held | 50 % held | 90 % held | ${steadyHead}`;
     const ms = (at: At, s: string) =>
       ["p50", "p99"].map((p) => fixed(at(s, p), 2)).join(" / ");
     const latency = rows((at) => SERVERS.map((s) => ms(at, s)));
@@ -304,7 +315,9 @@ const TEXT: Record<Section, (results: Results, f: Figures) => string[]> = {
       "Requests per second (ours ÷ Python: above 1 means ours serves faster):",
       table(`${head} | Deno ÷ Python | Bun ÷ Python`, rps),
       "The runtime's own limit: a trivial reply server (`bench/trivial.ts`: it reads a line and replies `15000\\n` through `Deno.listen` or `Bun.listen`, on the same kind of socket, an abstract Unix socket, and imports nothing), fresh in each run and timed as the cells above at 16 clients. Ours ÷ trivial: 1 would mean that a port costs nothing over the runtime's own round trip.",
-      "That rate is also the load client's own rate, the most it can measure: every rate of ours below it was not held back by the client. The trivial server's CPU time over those requests ÷ their wall time (100 %: one core busy) shows whether the server, not the client, set the pace.",
+      `That rate is also the load client's own rate, the most it can measure: every rate of ours below it was not held back by the client. The trivial server's CPU time over those requests ÷ their wall time (100 %: one core busy) shows whether the server, not the client, set the pace. A run of a thousand requests weighs its ramp-up and tail, which cost a fast server more of its time: the last column compares the rates of section 5, ${
+        thousands(sizes.memoryPool)
+      } requests at 16 clients each (ours handing out its whole pool to one live process).`,
       table(limit, limits),
       "Latency, p50 / p99, in milliseconds:",
       table(head, latency),
