@@ -2322,10 +2322,14 @@ async function pickOne(
     // UDP first; every other try TCP first, for kernels where UDP repeats.
     for (let i = 0; i < 10; i++) {
       const [first, second] = i % 2 === 0 ? UDP_FIRST : TCP_FIRST;
-      const port = await bindEachFamily(first, 0);
+      const port = bindNow(first, 0) ?? await bindEachFamily(first, 0);
       if (port === undefined) continue;
       if (!allowed(port, p, taken) || given(port)) continue;
-      if ((await bindEachFamily(second, port)) === undefined) continue;
+      const again = bindNow(second, port);
+      if (again === undefined) continue;
+      if (again === null && await bindEachFamily(second, port) === undefined) {
+        continue;
+      }
       const held = await take(
         hold ? await check(port, true, p) : { port, release: NOTHING_HELD },
         p,
