@@ -613,6 +613,8 @@ export class StartTimes {
   #readAt = new Map<number, number>();
 
   /**
+   * Makes an empty cache.
+   *
    * @param read Reads a process's start time; 0 when there is none.
    * @param ttlMs How long a start time is taken as read, in ms.
    */
