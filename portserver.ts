@@ -325,63 +325,80 @@ export class PortPool {
     alive: AliveCheck,
     now: number = Date.now(),
   ): Taken | Promise<Taken> {
-    const walk = this.#walk(count, owner, label, alive, now);
-    let step = walk.next();
-    while (!step.done) {
-      const free = isFree(step.value);
-      if (typeof free !== "boolean") return this.#walkOn(walk, free, isFree);
-      step = walk.next(free);
-    }
-    return step.value;
+    return this.#walk({
+      count,
+      owner,
+      label,
+      alive,
+      now,
+      slots: [],
+      inUse: [],
+      checked: 0,
+      budget: this.#queued,
+      swept: false,
+    }, isFree);
   }
 
-  async #walkOn(
-    walk: Generator<number, Taken, boolean>,
-    pending: Promise<boolean>,
+  /**
+   * The walk of {@linkcode PortPool.take} from where `w` stands: synchronous
+   * while `isFree` answers so, from its first promise on asynchronous. A
+   * check that fails puts its port and the ports found so far back.
+   */
+  #walk(
+    w: Walk,
     isFree: (port: number) => boolean | Promise<boolean>,
-  ): Promise<Taken> {
-    let step = walk.next(await pending);
-    while (!step.done) step = walk.next(await isFree(step.value));
-    return step.value;
-  }
-
-  /** The walk of {@linkcode PortPool.take}: yields each port to check, is sent whether it is free. */
-  *#walk(
-    count: number,
-    owner: number,
-    label: string | undefined,
-    alive: AliveCheck,
-    now: number,
-  ): Generator<number, Taken, boolean> {
-    const slots: number[] = [];
-    const inUse: number[] = [];
-    let checked = 0;
-    let budget = this.#queued;
-    let swept = false;
-    while (slots.length < count) {
-      if (budget === 0) {
-        if (swept) break;
-        swept = true;
-        this.reclaim(alive);
-        budget = this.#queued;
+  ): Taken | Promise<Taken> {
+    while (w.slots.length < w.count) {
+      if (w.budget === 0) {
+        if (w.swept) break;
+        w.swept = true;
+        this.reclaim(w.alive);
+        w.budget = this.#queued;
         continue;
       }
-      budget--;
+      w.budget--;
       const slot = this.#shift();
-      checked++;
-      if (yield this.#port[slot]) {
-        slots.push(slot);
-      } else {
-        inUse.push(this.#port[slot]);
-        this.#push(slot);
+      w.checked++;
+      let free: boolean | Promise<boolean>;
+      try {
+        free = isFree(this.#port[slot]);
+      } catch (error) {
+        throw this.#putBack(w, slot, error);
       }
+      if (typeof free !== "boolean") {
+        return free.then((f) => {
+          this.#checked(w, slot, f);
+          return this.#walk(w, isFree);
+        }, (error) => {
+          throw this.#putBack(w, slot, error);
+        });
+      }
+      this.#checked(w, slot, free);
     }
-    if (slots.length < count || !this.#owners.has(owner)) {
-      for (const slot of slots) this.#push(slot);
-      return { ports: undefined, checked, inUse };
+    if (w.slots.length < w.count || !this.#owners.has(w.owner)) {
+      for (const slot of w.slots) this.#push(slot);
+      return { ports: undefined, checked: w.checked, inUse: w.inUse };
     }
-    for (const slot of slots) this.#assign(slot, owner, label, now);
-    return { ports: slots.map((s) => this.#port[s]), checked, inUse };
+    for (const slot of w.slots) this.#assign(slot, w.owner, w.label, w.now);
+    const ports = w.slots.map((slot) => this.#port[slot]);
+    return { ports, checked: w.checked, inUse: w.inUse };
+  }
+
+  #checked(w: Walk, slot: number, free: boolean): void {
+    if (free) {
+      w.slots.push(slot);
+    } else {
+      w.inUse.push(this.#port[slot]);
+      this.#push(slot);
+    }
+  }
+
+  /** The walk failed at `slot`: it and the ports found go back; returns `error`. */
+  #putBack(w: Walk, slot: number, error: unknown): unknown {
+    this.#push(slot);
+    for (const found of w.slots) this.#push(found);
+    w.slots.length = 0;
+    return error;
   }
 
   /**
@@ -686,6 +703,20 @@ function then<T, U>(
   f: (value: T) => U | Promise<U>,
 ): U | Promise<U> {
   return value instanceof Promise ? value.then(f) : f(value);
+}
+
+/** Where a walk of {@linkcode PortPool.take} stands. */
+interface Walk {
+  count: number;
+  owner: number;
+  label: string | undefined;
+  alive: AliveCheck;
+  now: number;
+  slots: number[];
+  inUse: number[];
+  checked: number;
+  budget: number;
+  swept: boolean;
 }
 
 /** The pool's check of an owner: its pid still names the same process. */

@@ -288,3 +288,25 @@ test("startTimeTtlMs: pid_max microseconds, at most 1 s; 0 (no caching) when pid
   assert.equal(startTimeTtlMs(0), 0);
   assert.equal(startTimeTtlMs(-5), 0);
 });
+
+test("a check that fails, at once or later, puts its port and the ports found so far back", async () => {
+  const pool = new PortPool(range(20000, 4));
+  const a = pool.ownerOf(100, 1);
+  const failing = (bad: number, late: boolean) => (port: number) => {
+    if (port !== bad) return late ? Promise.resolve(true) : true;
+    if (late) return Promise.reject(new Error(`EMFILE on ${port}`));
+    throw new Error(`EMFILE on ${port}`);
+  };
+  assert.throws(
+    () => pool.take(3, a, undefined, failing(20002, false), everyoneAlive),
+    /EMFILE on 20002/,
+  );
+  await assert.rejects(
+    async () =>
+      await pool.take(4, a, undefined, failing(20001, true), everyoneAlive),
+    /EMFILE on 20001/,
+  );
+  assert.equal(pool.allocated, 0);
+  const all = await pool.take(4, a, undefined, () => true, everyoneAlive);
+  assert.deepEqual(all.ports?.toSorted(), [20000, 20001, 20002, 20003]);
+});
