@@ -1261,7 +1261,9 @@ export function parseStatus(
 // 3. The runtime adapter: every difference between Deno, Bun and Node lives
 // here, behind typed functions. Deno's own sockets and files where it has
 // them (its node: modules cost start-up time and are several times slower),
-// Bun's own sockets on Bun, node: modules on Node.
+// Bun's own sockets on Bun, node: modules on Node; and for the short-lived
+// binds of a check, on Linux, the C library by FFI (Bun; Deno with
+// --allow-ffi), which costs half as much as any runtime's sockets.
 
 /** What this file uses of Bun's own socket API. */
 interface BunApi {
