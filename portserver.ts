@@ -76,7 +76,7 @@ export interface PortServerOptions {
    * How long a client may take to send its request, and then to take a long
    * reply (one over `PROTOCOL_LIMITS.reply`, which the socket buffer does not
    * take at once), in milliseconds; a slower client is dropped. Request
-   * deadlines are checked in batches, every tenth of this (at most 100 ms).
+   * deadlines are swept every tenth of this (at most 100 ms).
    * Default 2000.
    */
   timeoutMs?: number;
