@@ -76,8 +76,8 @@ export interface PortServerOptions {
    * How long a client may take to send its request, and then to take a long
    * reply (one over `PROTOCOL_LIMITS.reply`, which the socket buffer does not
    * take at once), in milliseconds; a slower client is dropped. Request
-   * deadlines are swept every tenth of this (at most 100 ms).
-   * Default 2000.
+   * deadlines are checked every tenth of this (every 100 ms at most), so a
+   * client is dropped within the timeout and one such tick. Default 2000.
    */
   timeoutMs?: number;
   /** The permissions of the socket file (say `0o660`); default the umask's. */
