@@ -1911,14 +1911,21 @@ async function detectDualStack(proto: Proto): Promise<boolean> {
  * Binds `port` on each family the host has, one at a time, and closes it
  * again. Port 0 takes the kernel's choice on IPv6 and then tries that port
  * on IPv4. Returns the port, or undefined when it is taken on any family or
- * the host has none.
+ * the host has none: at once where the C library can tell, else a promise.
  */
-async function bindEachFamily(
+function bindEachFamily(
+  proto: Proto,
+  port: number,
+): number | undefined | Promise<number | undefined> {
+  const now = bindNow(proto, port);
+  return now !== null ? now : bindWithSockets(proto, port);
+}
+
+/** {@linkcode bindEachFamily} through the runtime's own sockets. */
+async function bindWithSockets(
   proto: Proto,
   port: number,
 ): Promise<number | undefined> {
-  const now = bindNow(proto, port);
-  if (now !== null) return now;
   const hosts = (await (dualStack[proto] ??= detectDualStack(proto)))
     ? DUAL
     : WILDCARDS;
@@ -1951,8 +1958,8 @@ function freeNow(port: number): boolean | undefined {
 
 async function isFree(port: number): Promise<boolean> {
   return freeNow(port) ??
-    ((await bindEachFamily("tcp", port)) !== undefined &&
-      (await bindEachFamily("udp", port)) !== undefined);
+    ((await bindWithSockets("tcp", port)) !== undefined &&
+      (await bindWithSockets("udp", port)) !== undefined);
 }
 
 /**
@@ -2324,14 +2331,14 @@ async function pickOne(
     // UDP first; every other try TCP first, for kernels where UDP repeats.
     for (let i = 0; i < 10; i++) {
       const [first, second] = i % 2 === 0 ? UDP_FIRST : TCP_FIRST;
-      const port = bindNow(first, 0) ?? await bindEachFamily(first, 0);
+      // Awaited only when it is a promise: most picks need no turn at all.
+      let port = bindEachFamily(first, 0);
+      if (port instanceof Promise) port = await port;
       if (port === undefined) continue;
       if (!allowed(port, p, taken) || given(port)) continue;
-      const again = bindNow(second, port);
+      let again = bindEachFamily(second, port);
+      if (again instanceof Promise) again = await again;
       if (again === undefined) continue;
-      if (again === null && await bindEachFamily(second, port) === undefined) {
-        continue;
-      }
       const held = await take(
         hold ? await check(port, true, p) : { port, release: NOTHING_HELD },
         p,

@@ -470,22 +470,8 @@ export class PortPool {
     if (o.pid !== 0 && this.#byPid.get(o.pid) === owner) {
       this.#byPid.delete(o.pid);
     }
-    // The ring takes them back in one pass; no step but the one a slot.
-    const [ring, owners, size] = [this.#ring, this.#owner, this.size];
-    let end = (this.#head + this.#queued) % size;
-    for (const slot of o.slots) {
-      owners[slot] = 0;
-      ring[end] = slot;
-      if (++end === size) end = 0;
-    }
-    if (this.#labels.size > 0) {
-      for (const slot of o.slots) this.#labels.delete(slot);
-    }
-    const n = o.slots.size;
-    this.#queued += n;
-    this.#allocated -= n;
-    this.#version++;
-    return n;
+    for (const slot of o.slots) this.#free(slot);
+    return o.slots.size;
   }
 
   /** The allocations of processes, for the state file (leases end with us). */
@@ -608,8 +594,9 @@ export class PortPool {
  * names another process only after the kernel has handed out every other
  * pid (Linux goes round up to pid_max), so {@linkcode startTimeTtlMs} keeps
  * an entry for less time than that takes at a million new processes a
- * second, several times more than any machine starts. Only live processes are kept; the pool still reads /proc
- * afresh whenever it decides whether an owner died.
+ * second, several times more than any machine starts. Only live processes
+ * are kept; the pool still reads /proc afresh whenever it decides whether an
+ * owner died.
  *
  * @example
  * ```ts
@@ -626,8 +613,8 @@ export class StartTimes {
   /** How long a start time is taken as read, in ms. */
   readonly ttlMs: number;
   #read: (pid: number) => number;
-  #times = new Map<number, number>();
-  #readAt = new Map<number, number>();
+  /** By pid: the start time, and when it was read. */
+  #kept = new Map<number, { startTime: number; at: number }>();
 
   /**
    * Makes an empty cache.
@@ -642,7 +629,7 @@ export class StartTimes {
 
   /** How many pids are kept. */
   get size(): number {
-    return this.#readAt.size;
+    return this.#kept.size;
   }
 
   /**
@@ -652,25 +639,21 @@ export class StartTimes {
    * @param now A monotonic clock in ms.
    */
   get(pid: number, now: number = performance.now()): number {
-    const at = this.#readAt.get(pid);
-    if (at !== undefined && now - at < this.ttlMs) return this.#times.get(pid)!;
+    const kept = this.#kept.get(pid);
+    if (kept && now - kept.at < this.ttlMs) return kept.startTime;
     const startTime = this.#read(pid);
     if (startTime === 0) {
-      this.#readAt.delete(pid);
-      this.#times.delete(pid);
+      this.#kept.delete(pid);
       return 0;
     }
-    if (at === undefined && this.#readAt.size >= 4096) this.#prune(now);
-    this.#readAt.set(pid, now);
-    this.#times.set(pid, startTime);
+    if (!kept && this.#kept.size >= 4096) this.#prune(now);
+    this.#kept.set(pid, { startTime, at: now });
     return startTime;
   }
 
   #prune(now: number): void {
-    for (const [pid, at] of this.#readAt) {
-      if (now - at < this.ttlMs) continue;
-      this.#readAt.delete(pid);
-      this.#times.delete(pid);
+    for (const [pid, { at }] of this.#kept) {
+      if (now - at >= this.ttlMs) this.#kept.delete(pid);
     }
   }
 }
@@ -896,21 +879,18 @@ class Deadlines {
 
   /** A connection came in: ticks from now on, unless they already do. */
   started(): void {
-    this.#timer ??= unrefInterval(() => this.#tick(), this.#sliceMs);
+    this.#timer ??= unrefTimer(() => this.#tick(), this.#sliceMs, true);
   }
 
   #tick(): void {
     this.now++;
-    if (this.#open.size === 0) {
-      clearInterval(this.#timer as number);
-      this.#timer = undefined;
-      return;
-    }
+    if (this.#open.size === 0) return this.stop();
     for (const connection of this.#open) {
       if (this.now - connection.since > this.#ticks) connection.expire();
     }
   }
 
+  /** Stops ticking, until the next connection. */
   stop(): void {
     clearInterval(this.#timer as number);
     this.#timer = undefined;
@@ -921,8 +901,7 @@ class Connection {
   #server: Server;
   #transport: Transport;
   #reader: LineReader | undefined;
-  /** A classic request's chunks so far, when it came in pieces. */
-  #bytes: Uint8Array[] | undefined;
+  #bytes: Uint8Array[] = [];
   #state: "reading" | "answering" | "leased" | "closed" = "reading";
   /** The tick of {@linkcode Deadlines} it came in on. */
   readonly since: number;
@@ -955,17 +934,9 @@ class Connection {
 
   data(chunk: Uint8Array): void {
     if (this.#state !== "reading") return;
-    if (!this.#reader && !this.#bytes) {
-      if (isExtendedRequest(chunk)) {
-        this.#reader = new LineReader(PROTOCOL_LIMITS.request);
-      } else if (
-        chunk.length > PROTOCOL_LIMITS.classicRequest || chunk.includes(10)
-      ) {
-        // Nearly every classic request: whole in its first chunk.
-        return this.#answer(() => this.#server.classic(chunk));
-      } else {
-        this.#bytes = [];
-      }
+    if (!this.#reader && this.#bytes.length === 0) {
+      const extended = isExtendedRequest(chunk);
+      if (extended) this.#reader = new LineReader(PROTOCOL_LIMITS.request);
     }
     if (this.#reader) {
       let line: string | undefined;
@@ -977,9 +948,9 @@ class Connection {
       if (line !== undefined) this.#answer(() => this.#server.extended(line));
       return;
     }
-    this.#bytes!.push(chunk);
+    this.#bytes.push(chunk);
     clearTimeout(this.#idle);
-    const size = this.#bytes!.reduce((n, c) => n + c.length, 0);
+    const size = this.#bytes.reduce((n, c) => n + c.length, 0);
     if (size > PROTOCOL_LIMITS.classicRequest || chunk.includes(10)) {
       return this.#classic();
     }
@@ -994,7 +965,7 @@ class Connection {
         if (this.#reader.size === 0) return this.close();
         return this.#refuse("a request without a newline");
       }
-      if (this.#bytes?.length) return this.#classic();
+      if (this.#bytes.length) return this.#classic();
       return this.close();
     }
     // A lease lasts while the connection is open, both ways.
@@ -1004,8 +975,8 @@ class Connection {
   close(): void {
     if (this.#state === "closed") return;
     this.#state = "closed";
-    if (this.#timer !== undefined) clearTimeout(this.#timer);
-    if (this.#idle !== undefined) clearTimeout(this.#idle);
+    clearTimeout(this.#timer);
+    clearTimeout(this.#idle);
     const onEnd = this.#onEnd;
     this.#onEnd = undefined;
     onEnd?.();
@@ -1016,7 +987,9 @@ class Connection {
   #classic(): void {
     if (this.#state !== "reading") return;
     clearTimeout(this.#idle);
-    const bytes = concatBytes(this.#bytes!);
+    const bytes = this.#bytes.length === 1
+      ? this.#bytes[0]
+      : concatBytes(this.#bytes);
     this.#answer(() => this.#server.classic(bytes));
   }
 
@@ -1027,7 +1000,7 @@ class Connection {
 
   #answer(handle: () => Answer | Promise<Answer>): void {
     this.#state = "answering";
-    if (this.#idle !== undefined) clearTimeout(this.#idle);
+    clearTimeout(this.#idle);
     const failed = (error: unknown) => {
       this.#server.warn(`Request failed: ${(error as Error).message}`);
       this.close();
@@ -1630,17 +1603,9 @@ function pidMax(): number {
   return Number(procText("/proc/sys/kernel/pid_max")) || 0;
 }
 
-/** An interval that does not keep the process alive. */
-function unrefInterval(fn: () => void, ms: number): unknown {
-  const timer = setInterval(fn, ms);
-  if (deno) deno.unrefTimer(timer as unknown as number);
-  else (timer as unknown as { unref(): void }).unref();
-  return timer;
-}
-
-/** A timer that does not keep the process alive. */
-function unrefTimer(fn: () => void, ms: number): unknown {
-  const timer = setTimeout(fn, ms);
+/** A timer (or, `every`, an interval) that does not keep the process alive. */
+function unrefTimer(fn: () => void, ms: number, every = false): unknown {
+  const timer = every ? setInterval(fn, ms) : setTimeout(fn, ms);
   if (deno) deno.unrefTimer(timer as unknown as number);
   else (timer as unknown as { unref(): void }).unref();
   return timer;
