@@ -34,6 +34,18 @@ import {
 const NAME = "@jsr/x__portpicker";
 const ALIAS = "@x/portpicker";
 
+/** What tsc compiles for, both for the build and for the user's check: Node's ESM, with its types. */
+const TSC_TARGET = [
+  "--target",
+  "esnext",
+  "--module",
+  "nodenext",
+  "--typeRoots",
+  join(ROOT, "node_modules", "@types"),
+  "--types",
+  "node",
+];
+
 interface DenoJson {
   name: string;
   version: string;
@@ -90,14 +102,7 @@ async function buildPackage(
       "--declaration",
       "--emitDeclarationOnly",
       "--allowImportingTsExtensions",
-      "--target",
-      "esnext",
-      "--module",
-      "nodenext",
-      "--typeRoots",
-      join(ROOT, "node_modules", "@types"),
-      "--types",
-      "node",
+      ...TSC_TARGET,
       "--outDir",
       dir,
       ...sources,
@@ -310,14 +315,7 @@ test(
           tool("tsc"),
           "--noEmit",
           "--strict",
-          "--target",
-          "esnext",
-          "--module",
-          "nodenext",
-          "--typeRoots",
-          join(ROOT, "node_modules", "@types"),
-          "--types",
-          "node",
+          ...TSC_TARGET,
           join(app, "check.mts"),
         ]),
         "tsc on the package's declarations",
