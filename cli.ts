@@ -1,9 +1,10 @@
 /**
  * The command line: `portpicker [pid] [hold_seconds]` prints a free port;
- * `serve` runs the port server, `status` and `return` talk to it. Every
- * flag of every command is parsed here; the work is done by `mod.ts` and
- * `portserver.ts`. The runtime adapter at the end is the only code here that
- * touches `Deno`, `Bun` or `process`.
+ * `serve` runs the port server, `status` and `return` talk to it, `wait`
+ * waits for a port to accept connections. Every flag is parsed here; the
+ * values go to `mod.ts` and `portserver.ts`, which check them and name a bad
+ * one. The runtime adapter at the end is the only code here that touches
+ * `Deno` or `process`.
  *
  * @example
  * ```sh
@@ -13,11 +14,9 @@
  * @module
  */
 
-import { parseArgs } from "node:util";
+import { parseArgs, type ParseArgsConfig } from "node:util";
 import {
   getPortServerStatus,
-  isLabel,
-  type PickOptions,
   pickUnusedPorts,
   reservePort,
   returnPort,
@@ -27,32 +26,31 @@ import {
 } from "./mod.ts";
 import type { PortServerOptions } from "./portserver.ts";
 
-/** Exit codes: 0 done, 1 no port (or another failure), 2 usage error. */
-const EXIT_FAILURE = 1;
-const EXIT_USAGE = 2;
 const NAME = "portpicker";
-const MAX_PID = 0x7fffffff;
 
 const USAGE = `Usage: ${NAME} [options] [pid] [hold_seconds]
-       ${NAME} serve [server options]     (${NAME} serve --help)
-       ${NAME} status [--json] [--portserver ADDR]
-       ${NAME} return PORT... [--pid PID] [--portserver ADDR] [--lock-dir DIR]
-       ${NAME} wait PORT [--timeout SECONDS] [--host HOST]
+       ${NAME} serve [options]       run the port server
+       ${NAME} status [options]      who holds which port on the server
+       ${NAME} return PORT... [options]
+       ${NAME} wait PORT [options]
+       ${NAME} help [COMMAND]        this help, or a command's
 
 Prints a port that is free on TCP and UDP, IPv4 and IPv6, and a newline.
 
 Arguments:
   pid            the process the port is for, told to the port server and
                  named in lock-directory claims (default: the parent process,
-                 the shell's $$)
+                 the shell's $$; under a wrapper such as 'npx' or 'timeout',
+                 the wrapper: pass $$)
   hold_seconds   keep the port bound and listening for this many seconds
                  after printing it, in a detached process, so that nothing
                  else takes it meanwhile (default: 0)
 
 Options:
   -n, --count N          print N distinct ports, one a line
+  -p, --port P[,P...]    prefer these ports, in this order, when free
       --range A-B        search only ports A to B, inclusive
-      --exclude P[,P]    never print these ports
+      --exclude P[,P...] never print these ports
       --portserver ADDR  ask this port server first: a Unix socket path, or
                          @name for the abstract namespace
                          (default: $PORTSERVER_ADDRESS)
@@ -65,20 +63,11 @@ Options:
   -h, --help             print this help
   -V, --version          print the version
 
-status: who holds which port on the port server (this project's server only);
-        ports of holders that died are marked reclaimable.
-return: give ports back: the port server frees them at once, and their claims
-        in the lock directory are removed; --pid is their holder (default:
-        the parent process).
-wait:   wait until something accepts TCP connections on PORT (default: on
-        127.0.0.1 or ::1; --host HOST), for at most --timeout SECONDS
-        (default: 30); exit 1 with one line when it does not.
-
-Exit status: 0 done, 1 no free port (or the server refused, or the wait timed
-out), 2 usage error.
+Exit status: 0 done, 1 no free port (or another failure), 2 usage error.
 `;
 
-const SERVE_USAGE = `Usage: ${NAME} serve [options]
+const HELP: Record<string, string> = {
+  serve: `Usage: ${NAME} serve [options]
 
 Runs the port server: hands each process unique ports over a Unix socket and
 takes them back when the process dies. Wire-compatible with Python's portserver.
@@ -94,16 +83,47 @@ Options:
                          what the umask leaves)
       --state FILE       keep allocations in FILE across restarts
       --timeout SECONDS  how long a client may take to send its request, and
-                         then to take a long reply, before it is dropped
-                         (checked every tenth of it, at most 100 ms;
-                         default: 2)
+                         then to take its reply, before it is dropped
+                         (default: 2)
       --verbose          log every request
       --debug            log every request (as --verbose)
   -h, --help             print this help
 
 Signals: SIGUSR1 logs statistics; SIGINT and SIGTERM stop it cleanly.
 Exit status: 0 stopped, 1 could not serve, 2 usage error.
-`;
+`,
+  status: `Usage: ${NAME} status [--json] [--portserver ADDR]
+
+Who holds which port on the port server (this project's server only); ports
+of holders that died are marked reclaimable.
+
+Options:
+      --portserver ADDR  the server (default: $PORTSERVER_ADDRESS)
+      --json             print the server's answer as JSON
+  -h, --help             print this help
+`,
+  return: `Usage: ${NAME} return PORT[,PORT...]... [options]
+
+Gives ports back: the port server frees them at once, and their claims in the
+lock directory are removed.
+
+Options:
+      --pid PID          their holder (default: the parent process, $$)
+      --portserver ADDR  the server (default: $PORTSERVER_ADDRESS)
+      --lock-dir DIR     the lock directory (default: $PORTPICKER_LOCK_DIR)
+  -h, --help             print this help
+`,
+  wait: `Usage: ${NAME} wait PORT [--timeout SECONDS] [--host HOST]
+
+Waits until something accepts TCP connections on PORT; exit 1 with one line
+when nothing does in time.
+
+Options:
+      --timeout SECONDS  how long to wait (default: 30)
+      --host HOST        where to connect (default: 127.0.0.1 or ::1)
+  -h, --help             print this help
+`,
+};
 
 /**
  * Runs the command line with `args` (without the program name) and returns
@@ -121,11 +141,16 @@ Exit status: 0 stopped, 1 could not serve, 2 usage error.
  */
 export async function main(args: string[]): Promise<number> {
   const [command, ...rest] = args;
-  const prefix = command === "serve" ? `${NAME} serve` : NAME;
+  const prefix = command in HELP ? `${NAME} ${command}` : NAME;
   try {
     switch (command) {
       case HOLD_MARKER:
         return await holdCommand(rest);
+      case "help":
+        if (rest.length > 1 || (rest[0] && !(rest[0] in HELP))) {
+          throw new UsageError(`no such command ${show(rest.join(" "))}`);
+        }
+        return print(HELP[rest[0]] ?? USAGE);
       case "serve":
         return await serveCommand(rest);
       case "status":
@@ -138,13 +163,17 @@ export async function main(args: string[]): Promise<number> {
         return await pickCommand(args);
     }
   } catch (error) {
+    if (error instanceof Help) return print(error.message);
+    // A bad value: the library's argument checks throw these, naming it.
     const usage = error instanceof UsageError ||
-      (error as { code?: string }).code?.startsWith("ERR_PARSE_ARGS");
-    const message = (error as Error).message ?? String(error);
-    // One line, never a stack trace.
-    const line = usage ? `${message.split(". ")[0]} (see --help)` : message;
-    console.error(`${prefix}: ${line.replaceAll("\n", " ")}`);
-    return usage ? EXIT_USAGE : EXIT_FAILURE;
+      error instanceof TypeError || error instanceof RangeError;
+    const message = String((error as Error).message ?? error);
+    console.error(
+      `${prefix}: ${message.replaceAll("\n", " ")}${
+        usage ? " (see --help)" : ""
+      }`,
+    );
+    return usage ? 2 : 1;
   }
 }
 
@@ -152,22 +181,17 @@ export async function main(args: string[]): Promise<number> {
 // Picking.
 
 async function pickCommand(args: string[]): Promise<number> {
-  const { values, positionals } = parseArgs({
-    args,
-    allowPositionals: true,
-    options: {
-      count: { type: "string", short: "n" },
-      range: { type: "string" },
-      exclude: { type: "string" },
-      portserver: { type: "string" },
-      label: { type: "string" },
-      "lock-dir": { type: "string" },
-      json: { type: "boolean" },
-      help: { type: "boolean", short: "h" },
-      version: { type: "boolean", short: "V" },
-    },
-  });
-  if (values.help) return print(USAGE);
+  const { values, positionals } = parse(args, {
+    count: { type: "string", short: "n" },
+    port: { type: "string", short: "p" },
+    range: { type: "string" },
+    exclude: { type: "string" },
+    portserver: { type: "string" },
+    label: { type: "string" },
+    "lock-dir": { type: "string" },
+    json: { type: "boolean" },
+    version: { type: "boolean", short: "V" },
+  }, USAGE);
   if (values.version) return print(`${NAME} ${VERSION}`);
   if (positionals.length > 2) {
     throw new UsageError(
@@ -176,28 +200,22 @@ async function pickCommand(args: string[]): Promise<number> {
       } (expected [pid] [hold_seconds])`,
     );
   }
-  const [pidText, holdText] = positionals;
-  const options: PickOptions = {
-    pid: pidText === undefined
-      ? parentPid()
-      : parseInteger(pidText, "pid", 1, MAX_PID),
-    portserverAddress: parseAddress(values.portserver),
-    lockDir: parseDirectory(values["lock-dir"]),
-  };
-  const holdSeconds = holdText === undefined
+  const [pid, hold] = positionals;
+  const holdSeconds = hold === undefined
     ? 0
-    : parseSeconds(holdText, "hold_seconds", 0, 2_000_000);
-  if (values.range !== undefined) options.range = parseRange(values.range);
-  if (values.exclude !== undefined) {
-    options.exclude = values.exclude.split(",").map((p) =>
-      parseInteger(p.trim(), "excluded port", 1, 65535)
-    );
-  }
-  if (values.label !== undefined) options.label = parseLabel(values.label);
-  const count = values.count === undefined
-    ? 1
-    : parseInteger(values.count, "count", 1, 65535);
-  const ports = await pickUnusedPorts(count, options);
+    : seconds(hold, "hold_seconds", 0, 2_000_000);
+  const range = values.range?.split("-");
+  const ports = await pickUnusedPorts(number(values.count ?? "1"), {
+    pid: pid === undefined ? parentPid() : number(pid),
+    portserverAddress: nonEmpty(values.portserver, "--portserver"),
+    lockDir: nonEmpty(values["lock-dir"], "--lock-dir"),
+    ports: values.port?.split(",").map(number),
+    range: range?.length === 2
+      ? [number(range[0]), number(range[1])] as [number, number]
+      : values.range as unknown as [number, number],
+    exclude: values.exclude?.split(",").map(number),
+    label: values.label,
+  });
   if (holdSeconds > 0) await holdInChild(ports, holdSeconds);
   return print(values.json ? JSON.stringify({ ports }) : ports.join("\n"));
 }
@@ -226,17 +244,15 @@ async function holdInChild(ports: number[], seconds: number): Promise<void> {
 
 /** The detached child of {@linkcode holdInChild}. */
 async function holdCommand(args: string[]): Promise<number> {
-  const seconds = Number(args[0]);
   try {
-    for (const text of args.slice(1)) {
-      const port = Number(text);
+    for (const port of args.slice(1).map(Number)) {
       await reservePort({ ports: port, range: [port, port] });
     }
   } catch (error) {
-    return print(`error ${(error as Error).message}`, EXIT_FAILURE);
+    return print(`error ${(error as Error).message}`, 1);
   }
   print("ready");
-  await new Promise((resolve) => setTimeout(resolve, seconds * 1000));
+  await new Promise((resolve) => setTimeout(resolve, Number(args[0]) * 1000));
   return 0;
 }
 
@@ -245,24 +261,16 @@ async function holdCommand(args: string[]): Promise<number> {
 
 /** `portpicker status`: who holds which port on the server. */
 async function statusCommand(args: string[]): Promise<number> {
-  const { values, positionals } = parseArgs({
-    args,
-    allowPositionals: true,
-    options: { json: { type: "boolean" }, portserver: { type: "string" } },
-  });
+  const { values, positionals } = parse(args, {
+    json: { type: "boolean" },
+    portserver: { type: "string" },
+  }, HELP.status);
   if (positionals.length > 0) {
-    throw new UsageError(
-      `unexpected argument ${JSON.stringify(positionals[0])}`,
-    );
+    throw new UsageError(`unexpected argument ${show(positionals[0])}`);
   }
-  const address = parseAddress(values.portserver) ??
-    env("PORTSERVER_ADDRESS");
-  if (!address) {
-    throw new UsageError(
-      "status needs a port server: --portserver or PORTSERVER_ADDRESS",
-    );
-  }
-  const status = await getPortServerStatus(address);
+  const status = await getPortServerStatus(
+    nonEmpty(values.portserver, "--portserver"),
+  );
   if (values.json) return print(JSON.stringify(status));
   const dead = status.reclaimable
     ? `, ${status.reclaimable} of them by holders that died (reclaimable)`
@@ -292,27 +300,19 @@ async function statusCommand(args: string[]): Promise<number> {
 
 /** `portpicker return PORT...`: the server frees them, and their claims go. */
 async function returnCommand(args: string[]): Promise<number> {
-  const { values, positionals } = parseArgs({
-    args,
-    allowPositionals: true,
-    options: {
-      pid: { type: "string" },
-      portserver: { type: "string" },
-      "lock-dir": { type: "string" },
-    },
-  });
+  const { values, positionals } = parse(args, {
+    pid: { type: "string" },
+    portserver: { type: "string" },
+    "lock-dir": { type: "string" },
+  }, HELP.return);
   if (positionals.length === 0) {
     throw new UsageError("return needs at least one PORT");
   }
-  const ports = positionals.flatMap((p) => p.split(",")).map((p) =>
-    parseInteger(p, "port", 1, 65535)
-  );
-  const pid = values.pid === undefined
-    ? parentPid()
-    : parseInteger(values.pid, "pid", 1, MAX_PID);
-  const address = parseAddress(values.portserver) ??
+  const ports = positionals.flatMap((p) => p.split(",")).map(number);
+  const pid = values.pid === undefined ? parentPid() : number(values.pid);
+  const address = nonEmpty(values.portserver, "--portserver") ??
     env("PORTSERVER_ADDRESS");
-  const lockDir = parseDirectory(values["lock-dir"]) ??
+  const lockDir = nonEmpty(values["lock-dir"], "--lock-dir") ??
     env("PORTPICKER_LOCK_DIR");
   if (!address && !lockDir) {
     throw new UsageError(
@@ -326,24 +326,24 @@ async function returnCommand(args: string[]): Promise<number> {
 
 /** `portpicker wait PORT`: until something accepts connections there. */
 async function waitCommand(args: string[]): Promise<number> {
-  const { values, positionals } = parseArgs({
-    args,
-    allowPositionals: true,
-    options: { timeout: { type: "string" }, host: { type: "string" } },
-  });
+  const { values, positionals } = parse(args, {
+    timeout: { type: "string" },
+    host: { type: "string" },
+  }, HELP.wait);
   if (positionals.length !== 1) {
     throw new UsageError(
       positionals.length === 0
         ? "wait needs a PORT"
-        : `unexpected argument ${JSON.stringify(positionals[1])}`,
+        : `unexpected argument ${show(positionals[1])}`,
     );
   }
-  const port = parseInteger(positionals[0], "port", 1, 65535);
   const timeout = values.timeout === undefined
     ? 30
-    : parseSeconds(values.timeout, "--timeout", 0, 86400);
-  if (values.host === "") throw new UsageError("--host needs a host name");
-  await waitForPort(port, { timeout: timeout * 1000, hostname: values.host });
+    : seconds(values.timeout, "--timeout", 0, 86400);
+  await waitForPort(number(positionals[0]), {
+    timeout: timeout * 1000,
+    hostname: values.host,
+  });
   return 0;
 }
 
@@ -352,194 +352,131 @@ async function waitCommand(args: string[]): Promise<number> {
 
 /** `portpicker serve`: runs the server until SIGINT or SIGTERM. */
 async function serveCommand(args: string[]): Promise<number> {
-  const { values } = parseArgs({
-    args,
-    options: {
-      portserver_static_pool: { type: "string" },
-      pool: { type: "string" },
-      portserver_address: { type: "string" },
-      portserver_unix_socket_address: { type: "string" },
-      address: { type: "string" },
-      mode: { type: "string" },
-      state: { type: "string" },
-      timeout: { type: "string" },
-      verbose: { type: "boolean" },
-      debug: { type: "boolean" },
-      help: { type: "boolean", short: "h" },
-    },
-  });
-  if (values.help) return print(SERVE_USAGE);
-  const address = values.address ?? values.portserver_address ??
-    values.portserver_unix_socket_address ?? "@unittest-portserver";
-  if (!address || address === "@") {
-    throw new UsageError(`invalid address ${JSON.stringify(address)}`);
-  }
+  const { values } = parse(args, {
+    portserver_static_pool: { type: "string" },
+    pool: { type: "string" },
+    portserver_address: { type: "string" },
+    portserver_unix_socket_address: { type: "string" },
+    address: { type: "string" },
+    mode: { type: "string" },
+    state: { type: "string" },
+    timeout: { type: "string" },
+    verbose: { type: "boolean" },
+    debug: { type: "boolean" },
+  }, HELP.serve);
   const options: PortServerOptions = {
-    address,
-    statePath: values.state,
+    address: values.address ?? values.portserver_address ??
+      values.portserver_unix_socket_address,
+    statePath: nonEmpty(values.state, "--state"),
     verbose: values.verbose || values.debug,
   };
-  if (values.state === "") throw new UsageError("--state needs a file");
   if (values.mode !== undefined) {
-    if (address.startsWith("@")) {
-      throw new UsageError(
-        `--mode needs a socket file address, not the abstract ${address}`,
-      );
-    }
-    if (!/^0?[0-7]{3}$/.test(values.mode)) {
-      throw new UsageError(
-        `invalid --mode ${
-          JSON.stringify(values.mode)
-        }: expected octal permissions, as 0660`,
-      );
-    }
-    options.socketMode = parseInt(values.mode, 8);
+    options.socketMode = /^[0-7]{1,4}$/.test(values.mode)
+      ? parseInt(values.mode, 8)
+      : values.mode as unknown as number;
   }
   if (values.timeout !== undefined) {
     options.timeoutMs = 1000 *
-      parseSeconds(values.timeout, "--timeout", 0.001, 3600);
+      seconds(values.timeout, "--timeout", 0.001, 3600);
   }
-  const { DEFAULT_POOL, logLine, startPortServer } = await import(
-    "./portserver.ts"
-  );
-  const log = (line: string) => console.error(line);
-  // The flag the user typed names the pool in messages.
-  const [flag, spec] = values.pool !== undefined
-    ? ["--pool", values.pool]
-    : values.portserver_static_pool !== undefined
-    ? ["--portserver_static_pool", values.portserver_static_pool]
-    : [undefined, undefined];
+  const spec = values.pool ?? values.portserver_static_pool;
   if (spec !== undefined) {
-    const pool = parsePool(spec, (m) => log(logLine("E", m)));
-    options.pool = pool;
-    if (!pool.some(([first, last]) => first <= last)) {
-      log(logLine("E", `No ports. Invalid port ranges in ${flag}?`));
-      return EXIT_FAILURE;
+    // As the Python server: a range that cannot be used is skipped, said.
+    const pool: [number, number][] = options.pool = [];
+    for (const part of spec.split(",")) {
+      const match = /^\s*([+-]?\d+)\s*-\s*([+-]?\d+)\s*$/.exec(part);
+      const [first, last] = [Number(match?.[1]), Number(match?.[2])];
+      if (!match || first < 1 || last > 65535 || first > last) {
+        console.error(
+          `${NAME} serve: ignoring ${
+            match ? "out of bounds" : "unparsable"
+          } port range ${show(part)}`,
+        );
+      } else pool.push([first, last]);
     }
-  } else {
-    options.pool = DEFAULT_POOL;
   }
+  const { startPortServer } = await import("./portserver.ts");
   // Listening before "Serving on" is logged: a signal right after it must
   // stop the server cleanly, not kill it.
   let server: Awaited<ReturnType<typeof startPortServer>> | undefined;
   const stopping = untilSignal(() => server?.logStats());
   try {
-    server = await startPortServer({ ...options, log });
+    server = await startPortServer(options);
   } catch (error) {
-    log(logLine("E", (error as Error).message));
     stopping.cancel();
-    return EXIT_FAILURE;
+    throw error;
   }
   const stopSignal = await stopping;
-  log(logLine("I", `Stopping on ${stopSignal}.`));
+  console.error(`${NAME} serve: stopping on ${stopSignal}`);
   await server.stop();
   server.logStats();
-  log(logLine("I", "Goodbye."));
   return 0;
 }
 
-/**
- * Parses `N-P[,N-P...]` as the Python server does: a range that cannot be
- * parsed, or lies outside 1–65535, is skipped and reported to `onError`.
- */
-function parsePool(
-  spec: string,
-  onError: (message: string) => void,
-): [number, number][] {
-  const ranges: [number, number][] = [];
-  for (const part of spec.split(",")) {
-    const match = /^\s*([+-]?\d+)\s*-\s*([+-]?\d+)\s*$/.exec(part);
-    if (!match) {
-      onError(`Ignoring unparsable port range '${part}'.`);
-      continue;
-    }
-    const first = Number(match[1]);
-    const last = Number(match[2]);
-    if (first < 1 || last > 65535) {
-      onError(`Ignoring out of bounds port range '${part}'.`);
-      continue;
-    }
-    ranges.push([first, last]);
-  }
-  return ranges;
-}
-
 // ---------------------------------------------------------------------------
-// Arguments: a bad value is one line that names it, exit 2.
+// Arguments. The CLI turns text into values; the library checks them.
 
 /** A bad command line: printed as one line, exit 2. */
 class UsageError extends Error {}
 
-function parseInteger(
-  text: string,
-  what: string,
-  min: number,
-  max: number,
-): number {
-  if (!/^\d+$/.test(text) || Number(text) < min || Number(text) > max) {
+/** `--help` on every command; Node's parser errors in our own words. */
+function parse<T extends NonNullable<ParseArgsConfig["options"]>>(
+  args: string[],
+  options: T,
+  help: string,
+) {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args,
+      allowPositionals: true,
+      options: { ...options, help: { type: "boolean", short: "h" } },
+    });
+  } catch (error) {
+    const message = (error as Error).message;
+    const flag = /--[\w-]+/.exec(message)?.[0] ?? /-\w/.exec(message)?.[0] ?? "";
     throw new UsageError(
-      `invalid ${what} ${
-        JSON.stringify(text)
-      }: expected an integer from ${min} to ${max}`,
+      /ambiguous|argument missing/.test(message)
+        ? `option ${flag} needs a value (a value that starts with - goes as ${flag}=VALUE)`
+        : /Unknown option/.test(message)
+        ? `unknown option ${flag}`
+        : message.split(". ")[0],
     );
   }
-  return Number(text);
+  if ((parsed.values as { help?: boolean }).help) throw new Help(help);
+  return parsed;
 }
 
-function parseSeconds(
-  text: string,
-  what: string,
-  min: number,
-  max: number,
-): number {
-  const seconds = Number(text);
-  if (!/^\d+(\.\d+)?$/.test(text) || seconds < min || seconds > max) {
+/** Thrown to print a command's help, exit 0. */
+class Help extends Error {}
+
+/** Text that is a whole number as a number; anything else as given, for the check to name. */
+function number(text: string): number {
+  return /^\d{1,16}$/.test(text.trim())
+    ? Number(text)
+    : text as unknown as number;
+}
+
+function seconds(text: string, what: string, min: number, max: number): number {
+  const value = Number(text);
+  if (!/^\d+(\.\d+)?$/.test(text) || value < min || value > max) {
     throw new UsageError(
       `invalid ${what} ${
-        JSON.stringify(text)
+        show(text)
       }: expected a number of seconds from ${min} to ${max}`,
     );
   }
-  return seconds;
+  return value;
 }
 
-/** Parses `A-B` (inclusive) into a range. */
-function parseRange(text: string): [number, number] {
-  const match = /^(\d+)-(\d+)$/.exec(text);
-  if (!match) {
-    throw new UsageError(
-      `invalid range ${JSON.stringify(text)}: expected A-B, as 15000-24999`,
-    );
-  }
-  const first = parseInteger(match[1], "range start", 1, 65535);
-  const last = parseInteger(match[2], "range end", 1, 65535);
-  if (first > last) {
-    throw new UsageError(
-      `invalid range ${JSON.stringify(text)}: ${first} is after ${last}`,
-    );
-  }
-  return [first, last];
-}
-
-function parseAddress(text: string | undefined): string | undefined {
-  if (text === "") throw new UsageError("--portserver needs an address");
+/** An option that must not be empty when given. */
+function nonEmpty(text: string | undefined, flag: string): string | undefined {
+  if (text === "") throw new UsageError(`${flag} needs a value`);
   return text;
 }
 
-function parseDirectory(text: string | undefined): string | undefined {
-  if (text === "") throw new UsageError("--lock-dir needs a directory");
-  return text;
-}
-
-function parseLabel(text: string): string {
-  if (!isLabel(text)) {
-    throw new UsageError(
-      `invalid label ${
-        JSON.stringify(text)
-      }: expected 1 to 100 printable characters without spaces`,
-    );
-  }
-  return text;
+function show(text: string): string {
+  return JSON.stringify(text);
 }
 
 // ---------------------------------------------------------------------------
@@ -572,10 +509,7 @@ function parentPid(): number {
   return deno ? deno.ppid : node!.ppid;
 }
 
-/**
- * An environment variable; on Deno without `--allow-env` for it, unset (no
- * prompt), as the library reads it.
- */
+/** An environment variable; on Deno without `--allow-env` for it, unset. */
 function env(name: string): string | undefined {
   if (!deno) return node!.env[name] || undefined;
   const { state } = deno.permissions.querySync({ name: "env", variable: name });
@@ -663,6 +597,7 @@ async function spawnDetached(
   args: string[],
   env: Record<string, string>,
 ): Promise<string> {
+  const exited = "error the holding process exited\n";
   if (deno) {
     // Deno.Command needs no --allow-env, unlike node:child_process there.
     const child = new deno.Command(command, {
@@ -673,17 +608,17 @@ async function spawnDetached(
       stderr: "null",
       detached: true,
     }).spawn();
-    const reader = child.stdout.getReader();
-    const decoder = new TextDecoder();
+    const reader = child.stdout.pipeThrough(new TextDecoderStream())
+      .getReader();
     let text = "";
     while (!text.includes("\n")) {
       const { value, done } = await reader.read();
       if (done) break;
-      text += decoder.decode(value, { stream: true });
+      text += value;
     }
     await reader.cancel();
     child.unref();
-    return text || "error the holding process exited\n";
+    return text || exited;
   }
   const { spawn } = await import("node:child_process");
   const child = spawn(command, args, {
@@ -698,10 +633,7 @@ async function spawnDetached(
       if (text.includes("\n")) resolve(text);
     });
     child.on("error", (error) => resolve(`error ${error.message}\n`));
-    child.on(
-      "exit",
-      () => resolve(text || "error the holding process exited\n"),
-    );
+    child.on("exit", () => resolve(text || exited));
   });
   child.stdout!.destroy();
   child.unref();

@@ -7,10 +7,13 @@
  *
  * The file reads top to bottom:
  * 1. the public API and its types;
- * 2. the wire protocol of the port server, shared with `portserver.ts`;
- * 3. the runtime adapter, the only code that touches `Deno`, `Bun` or `process`;
- * 4. port checks (binding sockets);
- * 5. per-process state (which ports this process was given);
+ * 2. the wire protocol: the line framing shared with `portserver.ts`, and
+ *    the client's half (requests out, replies in);
+ * 3. the runtime adapter, the only code that touches `Deno`, `Bun` or
+ *    `process`; what a pid is and when it is alive;
+ * 4. how a port is checked: one bind per address family and protocol, with
+ *    the runtime's own sockets;
+ * 5. per-process state (which ports this process was given) and the picker;
  * 6. lock-directory claims (unique ports across processes, with no server);
  * 7. the port-server client.
  *
@@ -29,7 +32,7 @@
 // 1. The public API and its types.
 
 /** The version of this package. */
-export const VERSION = "0.2.0";
+export const VERSION = "0.3.0";
 
 /** The search range when none is given: the Python original's 15000–24999. */
 export const DEFAULT_RANGE: readonly [number, number] = [15000, 24999];
@@ -54,7 +57,7 @@ export const DEFAULT_RANGE: readonly [number, number] = [15000, 24999];
 export class NoFreePortFoundError extends Error {
   /** The inclusive search range that was exhausted. */
   readonly range: readonly [number, number];
-  /** How many ports of the range were tried. */
+  /** How many ports of the range were tried (several asked for: found). */
   readonly tried: number;
 
   /**
@@ -66,15 +69,13 @@ export class NoFreePortFoundError extends Error {
    * @param wanted How many ports were asked for.
    */
   constructor(range: readonly [number, number], tried: number, wanted = 1) {
-    const size = range[1] - range[0] + 1;
+    const [first, last] = range;
     super(
       wanted > 1
-        ? `Not enough free ports in ${range[0]}-${
-          range[1]
-        }: asked for ${wanted}, found ${tried} of its ${size} ports`
-        : `No free port found in ${range[0]}-${
-          range[1]
-        }: tried ${tried} of ${size} ports`,
+        ? `Not enough free ports in ${first}-${last}: asked for ${wanted}, found ${tried}`
+        : `No free port found in ${first}-${last}: tried ${tried} of ${
+          last - first + 1
+        } ports`,
     );
     this.name = "NoFreePortFoundError";
     this.range = range;
@@ -100,8 +101,8 @@ export interface PickOptions {
   ports?: number | Iterable<number>;
   /**
    * The inclusive search range `[first, last]`. When given, every port
-   * returned lies in it and the kernel is not asked for a port of its own
-   * choosing. Defaults to `[15000, 24999]`, searched after the kernel's pick.
+   * returned lies in it. Without it, the kernel's own choice comes first
+   * (anywhere outside Linux's reserved ports), then `[15000, 24999]`.
    */
   range?: readonly [number, number];
   /** Ports never returned: any iterable of ports. */
@@ -115,16 +116,10 @@ export interface PickOptions {
   lockDir?: string;
   /**
    * Stored with the allocation by this project's port server (shown by its
-   * status request); ignored by the Python server. Printable, no spaces, 1 to
-   * 100 characters.
+   * status request); ignored by the Python server. Printable ASCII, no
+   * spaces, 1 to 100 characters.
    */
   label?: string;
-}
-
-/** Options of the functions that talk to a port server for a process. */
-export interface ServerRequestOptions {
-  /** The process the ports are for. Defaults to this process. */
-  pid?: number;
 }
 
 /** Options of {@linkcode returnPort}. */
@@ -193,6 +188,40 @@ export interface LeaseOptions {
   label?: string;
 }
 
+/** One allocation in a STATUS reply. */
+export interface AllocationStatus {
+  /** The port. */
+  port: number;
+  /** The owner process, or null for a lease. */
+  pid: number | null;
+  /** Whether a lease (a connection kept open) holds it. */
+  lease: boolean;
+  /**
+   * Whether its holder still lives; false when the process died or its pid
+   * now names another process: the port is reclaimed when the server next
+   * runs out of free ports.
+   */
+  alive: boolean;
+  /** When it was handed out, as an ISO 8601 time. */
+  since: string;
+  /** The label given with the request, or null. */
+  label: string | null;
+}
+
+/** A STATUS reply: who holds which port. */
+export interface PortServerStatus {
+  /** The server's address. */
+  address: string;
+  /** How many ports it manages. */
+  pool: number;
+  /** How many are held now, by live holders or dead ones. */
+  allocated: number;
+  /** How many of those are held by holders that died (see `alive`). */
+  reclaimable: number;
+  /** Who holds which port, since when, with which label; by port. */
+  allocations: AllocationStatus[];
+}
+
 /**
  * Picks a port that is free on TCP and UDP, IPv6 and IPv4. In order: the
  * preferred `ports`; a reserved or returned port; a port from the port server
@@ -214,8 +243,7 @@ export interface LeaseOptions {
  * ```
  */
 export async function pickUnusedPort(options?: PickOptions): Promise<number> {
-  const held = await pickOne(plan(options), false, new Set());
-  return held.port;
+  return (await pickOne(plan(options), false, new Set())).port;
 }
 
 /**
@@ -246,7 +274,7 @@ export async function pickUnusedPorts(
   let done = false;
   try {
     for (const port of await bulkFromServer(p, count)) {
-      held.push(await tryHold(port, true));
+      held.push({ port, release: (await holdPort(port)) ?? NOTHING_HELD });
       taken.add(port);
     }
     while (held.length < count) {
@@ -304,9 +332,9 @@ export async function reservePort(
 
 /**
  * Tells whether `port` is free on both TCP and UDP: it binds the wildcard
- * address on IPv6 and then on IPv4 for each protocol, as the Python original
- * does. A family the host lacks is skipped; a port in use, or one this process
- * may not bind, is not free.
+ * address of each address family, as the Python original does. A family the
+ * host lacks is skipped; a port in use, or one this process may not bind, is
+ * not free.
  *
  * @param port The port, from 1 to 65535.
  * @returns Whether every bind succeeded.
@@ -325,37 +353,14 @@ export async function isPortFree(port: number): Promise<boolean> {
 }
 
 /**
- * {@linkcode isPortFree} without waiting, where the runtime can bind
- * synchronously: through the C library, on Linux (x64 and arm64, glibc), on
- * Bun, and on Deno with `--allow-ffi` (`-A` has it). The binds are the same.
- * Elsewhere (Node.js, other systems, Deno without the permission), and when
- * a bind fails in a way that only the runtime's own sockets can name, it
- * returns undefined: ask `isPortFree` then.
- *
- * @param port The port, from 1 to 65535.
- * @returns Whether the port is free; undefined when it cannot tell at once.
- *
- * @example
- * ```ts
- * import { isPortFree, isPortFreeSync } from "@x/portpicker";
- *
- * const free = isPortFreeSync(8080) ?? await isPortFree(8080);
- * console.log(free);
- * ```
- */
-export function isPortFreeSync(port: number): boolean | undefined {
-  checkPort(port);
-  return freeNow(port);
-}
-
-/**
  * Waits until something accepts TCP connections on `port`: the server your
- * test just started is up. Polls with a back-off (10 ms, growing to 250 ms),
- * never a busy loop.
+ * test just started is up. Polls with a back-off (10 ms, growing to 250 ms);
+ * every connect is bounded by the time left and by the signal.
  *
  * @param port The port, from 1 to 65535.
  * @param options The timeout, the host, and a signal to stop waiting.
- * @throws {Error} On timeout, naming the port, the hosts and the timeout.
+ * @throws {Error} On timeout, naming the port, the hosts and the timeout; at
+ * once when the host cannot be resolved or network access is denied.
  *
  * @example
  * ```ts
@@ -374,47 +379,47 @@ export async function waitForPort(
   const { timeout = 30_000, hostname, signal } = options;
   if (typeof timeout !== "number" || !(timeout >= 0)) {
     throw new TypeError(
-      `Invalid timeout ${
-        formatValue(timeout)
-      }: expected milliseconds, 0 or more`,
+      `Invalid timeout ${show(timeout)}: expected milliseconds, 0 or more`,
     );
   }
   if (hostname !== undefined && (typeof hostname !== "string" || !hostname)) {
     throw new TypeError(
-      `Invalid hostname ${formatValue(hostname)}: expected a host name`,
+      `Invalid hostname ${show(hostname)}: expected a host name`,
     );
   }
   const hosts = hostname ? [hostname] : ["127.0.0.1", "::1"];
-  await waitUntilAccepting(port, hosts, timeout, signal);
-}
-
-/**
- * Python's `bind(port, socket_type)`: binds `port` on the wildcard address of
- * every address family the host has, one protocol, and closes the sockets at
- * once. Port 0 takes the kernel's choice (then tried on the other family).
- *
- * @param port The port, from 0 to 65535.
- * @param protocol `"tcp"` (the socket listens) or `"udp"`.
- * @returns The port when every bind succeeded, else undefined.
- *
- * @example
- * ```ts
- * import { bind } from "@x/portpicker";
- *
- * const port = await bind(0, "tcp"); // a port the kernel chose, free on TCP
- * ```
- */
-export async function bind(
-  port: number,
-  protocol: "tcp" | "udp",
-): Promise<number | undefined> {
-  if (port !== 0) checkPort(port);
-  if (protocol !== "tcp" && protocol !== "udp") {
-    throw new TypeError(
-      `Invalid protocol ${formatValue(protocol)}: expected "tcp" or "udp"`,
+  const deadline = Date.now() + timeout;
+  for (let pause = 10;; pause = Math.min(pause * 1.5, 250)) {
+    signal?.throwIfAborted();
+    const left = deadline - Date.now();
+    const attempt = AbortSignal.any([
+      AbortSignal.timeout(Math.max(left, 1)),
+      ...signal ? [signal] : [],
+    ]);
+    const failures = await Promise.all(
+      hosts.map((h) => connectTcp(h, port, attempt).then(() => null, (e) => e)),
     );
+    if (failures.some((e) => e === null)) return;
+    signal?.throwIfAborted();
+    // Not "nothing accepts yet": say so now, not after the timeout.
+    const fatal = failures.find((e) => connectError(e) !== "refused");
+    if (fatal && (hosts.length === 1 || connectError(fatal) === "denied")) {
+      throw new Error(
+        `Cannot wait for port ${port} on ${hosts.join(" or ")}: ${
+          describe(fatal)
+        }`,
+        { cause: fatal },
+      );
+    }
+    if (Date.now() >= deadline) {
+      throw new Error(
+        `Port ${port} did not accept connections on ${
+          hosts.join(" or ")
+        } within ${timeout} ms`,
+      );
+    }
+    await sleep(Math.min(pause, deadline - Date.now()), signal);
   }
-  return await bindEachFamily(protocol, port);
 }
 
 /**
@@ -427,6 +432,8 @@ export async function bind(
  *
  * @param port The port, from 1 to 65535.
  * @param options A lock directory and the holder whose claim to remove.
+ * @throws {Error} When a claim naming the holder cannot be removed, naming
+ * the file.
  *
  * @example
  * ```ts
@@ -439,22 +446,24 @@ export async function bind(
  */
 export function returnPort(port: number, options: ReturnOptions = {}): void {
   checkPort(port);
-  releaseClaim(port);
-  if (options.lockDir !== undefined) {
-    removeClaimOf(
-      checkLockDir(options.lockDir),
-      port,
-      options.pid === undefined ? ownPid() : checkPid(options.pid),
-    );
+  const own = claims.get(port);
+  if (own !== undefined) {
+    claims.delete(port);
+    removeClaim(own, port, ownPid());
   }
-  if (randomPorts.delete(port)) return;
-  if (!ownedPorts.delete(port)) return;
+  if (options.lockDir !== undefined) {
+    removeClaim(checkLockDir(options.lockDir), port, pidOrOwn(options.pid));
+  }
+  if (randomPorts.delete(port) || !ownedPorts.delete(port)) return;
   const from = serverPorts.get(port);
   serverPorts.delete(port);
   // A server that takes ports back frees it for everybody; kept here too, it
   // could be handed out twice.
   if (from && extendedServers.get(from.address) !== false) {
-    returnToServer(port, from.address, from.pid);
+    returnPortsToServer(from.address, [port], { pid: from.pid }).catch(() => {
+      // The Python server keeps the port for this process: reuse it here.
+      if (extendedServers.get(from.address) === false) freePorts.add(port);
+    });
   } else {
     freePorts.add(port);
   }
@@ -493,12 +502,10 @@ export function addReservedPort(port: number): void {
  * ```
  */
 export function forgetPorts(): void {
-  freePorts.clear();
-  ownedPorts.clear();
-  randomPorts.clear();
+  for (const port of [...claims.keys()]) returnPort(port);
+  for (const set of [freePorts, ownedPorts, randomPorts]) set.clear();
   serverPorts.clear();
   extendedServers.clear();
-  releaseAllClaims();
 }
 
 /**
@@ -523,29 +530,29 @@ export function forgetPorts(): void {
  */
 export async function getPortFromPortServer(
   address: string,
-  options: ServerRequestOptions = {},
+  options: { pid?: number } = {},
 ): Promise<number | undefined> {
   if (typeof address !== "string") {
     throw new TypeError(
-      `Invalid port server address ${formatValue(address)}: expected a string`,
+      `Invalid portserverAddress ${show(address)}: expected a string`,
     );
   }
-  const pid = options.pid === undefined ? ownPid() : checkPid(options.pid);
+  const pid = pidOrOwn(options.pid);
   if (!address) return undefined;
   let reply: string | undefined;
   try {
     reply = await request(address, `${pid}\n`, PROTOCOL_LIMITS.reply);
   } catch (error) {
-    console.error(socketErrorLine(error));
+    console.error(serverErrorLine(error, address));
     return undefined;
   }
-  const port = reply === undefined ? undefined : parseClassicReply(reply);
-  if (port === undefined) {
+  const port = /^\d{1,5}$/.test(reply ?? "") ? Number(reply) : 0;
+  if (port < 1 || port > 65535) {
     console.error(
-      reply === undefined || /^0*$/.test(reply)
+      /^0*$/.test(reply ?? "")
         ? "Portserver failed to find a port."
         : `Portserver failed to find a port: bad reply ${
-          JSON.stringify(reply.slice(0, 40))
+          JSON.stringify(reply!.slice(0, 40))
         } from ${address}.`,
     );
     return undefined;
@@ -584,31 +591,30 @@ export async function leasePorts(
     ? undefined
     : checkLabel(options.label);
   const address = serverAddress(options.portserverAddress);
-  const connection = await reach(address, () => connectUnix(address));
-  let reply: PortsReply | undefined;
+  let connection: UnixConnection | undefined;
+  let ports: number[];
   try {
+    connection = await connectUnix(address);
     // The sending side stays open: the lease lasts while the connection does.
-    await connection.write(formatRequest({ verb: "LEASE", count, label }));
+    await connection.write(requestLine("LEASE", { count, label }));
     const line = await readLine(connection, PROTOCOL_LIMITS.reply, address);
     extendedServers.set(address, line !== undefined);
-    reply = line === undefined ? undefined : parseReply(line, count, address);
+    if (line === undefined) {
+      throw new Error(
+        `The port server at ${address} cannot lease ports (a Python portserver?)`,
+      );
+    }
+    ports = parsePorts(line, count, address, "refused the lease");
   } catch (error) {
-    connection.close();
-    throw error;
-  }
-  if (!reply?.ok) {
-    connection.close();
-    throw new Error(
-      reply
-        ? `The port server at ${address} refused the lease: ${reply.error}`
-        : `The port server at ${address} cannot lease ports (a Python portserver?)`,
-    );
+    connection?.close();
+    throw reachError(error, address);
   }
   connection.unref();
+  const open = connection;
   let released: Promise<void> | undefined;
-  const release = () => released ??= Promise.resolve(connection.close());
+  const release = () => released ??= Promise.resolve(open.close());
   return {
-    ports: reply.ports,
+    ports,
     release,
     [Symbol.dispose]: () => void release(),
     [Symbol.asyncDispose]: release,
@@ -637,14 +643,10 @@ export async function getPortServerStatus(
   const where = serverAddress(address);
   const line = await extendedRequest(
     where,
-    formatRequest({ verb: "STATUS" }),
+    requestLine("STATUS", {}),
     PROTOCOL_LIMITS.statusReply,
+    "has no status request",
   );
-  if (line === undefined) {
-    throw new Error(
-      `The port server at ${where} has no status request (a Python portserver?)`,
-    );
-  }
   return parseStatus(line, where);
 }
 
@@ -669,52 +671,47 @@ export async function getPortServerStatus(
 export async function returnPortsToServer(
   address: string,
   ports: readonly number[],
-  options: ServerRequestOptions = {},
+  options: { pid?: number } = {},
 ): Promise<number[]> {
-  const pid = options.pid === undefined ? ownPid() : checkPid(options.pid);
+  const pid = pidOrOwn(options.pid);
   if (
     !Array.isArray(ports) || ports.length === 0 ||
     ports.length > PROTOCOL_LIMITS.ports
   ) {
     throw new TypeError(
       `Invalid ports ${
-        formatValue(ports)
+        show(ports)
       }: expected an array of 1 to ${PROTOCOL_LIMITS.ports} ports`,
     );
   }
   ports.forEach((port) => checkPort(port));
+  const where = serverAddress(address);
   const line = await extendedRequest(
-    address,
-    formatRequest({ verb: "RETURN", pid, ports: [...ports] }),
+    where,
+    requestLine("RETURN", { pid, ports: ports.join(",") }),
     PROTOCOL_LIMITS.reply,
+    "cannot take ports back",
   );
-  if (line === undefined) {
-    throw new Error(
-      `The port server at ${address} cannot take ports back (a Python portserver?)`,
-    );
-  }
-  const reply = parseReply(line, ports.length, address);
-  if (!reply.ok) {
-    throw new Error(`The port server at ${address} refused: ${reply.error}`);
-  }
-  for (const port of reply.ports) {
+  const freed = parsePorts(line, ports.length, where, "refused");
+  for (const port of freed) {
     serverPorts.delete(port);
     ownedPorts.delete(port);
     freePorts.delete(port);
   }
-  return reply.ports;
+  return freed;
 }
 
 /**
- * The start time of `pid` (Linux: clock ticks since boot, from
- * `/proc/<pid>/stat`), or 0 when no live process has that pid. Zombies count
- * as dead. Elsewhere: 1 while the pid exists, so pid reuse goes undetected.
- * A pid and its start time name one process for good: the port server and
- * lock-directory claims record owners this way.
+ * When a pid is alive, and which process it names: the start time of `pid`
+ * (Linux: clock ticks since boot, from `/proc/<pid>/stat`), or 0 when no
+ * live process has that pid (zombies count as dead; so does anything that
+ * is not an integer from 1 to 2³¹−1). Elsewhere: 1 while the pid exists, so
+ * pid reuse goes undetected. A pid and its start time name one process for
+ * good: the port server and lock-directory claims record owners this way.
  *
  * @param pid The process.
  * @returns Its start time, or 0 for none.
- * @throws {Error} When `/proc` cannot be read (say, no Deno permission):
+ * @throws {Error} When `/proc` cannot be read (on Deno, no `--allow-read`):
  * that must not make every owner look dead.
  *
  * @example
@@ -725,10 +722,19 @@ export async function returnPortsToServer(
  * ```
  */
 export function processStartTime(pid: number): number {
-  if (!Number.isInteger(pid) || pid <= 0 || pid > MAX_PID) return 0;
-  if (!IS_LINUX) return processExists(pid) ? 1 : 0;
-  const stat = readProcStat(pid);
-  if (stat === undefined) return 0;
+  if (!isPid(pid)) return 0;
+  if (OS !== "linux") return processExists(pid) ? 1 : 0;
+  let stat: string;
+  try {
+    stat = readText(`/proc/${pid}/stat`);
+  } catch (error) {
+    // ESRCH: the process ended between the open and the read.
+    if (["ENOENT", "ESRCH"].includes(errorCode(error)!)) return 0;
+    throw new Error(
+      `Cannot read /proc/${pid}/stat: ${describe(error)}`,
+      { cause: error },
+    );
+  }
   // The command name may hold spaces and parentheses: fields follow the last ")".
   const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
   if (fields[0] === "Z" || fields[0] === "X") return 0;
@@ -752,15 +758,13 @@ export function processStartTime(pid: number): number {
 export function reservedPorts(): ReadonlySet<number> {
   if (reserved) return reserved;
   reserved = new Set();
-  const path = "/proc/sys/net/ipv4/ip_local_reserved_ports";
-  if (!IS_LINUX || !mayRead(path)) return reserved;
-  let text: string | undefined;
+  let text = "";
   try {
-    text = readTextOrUndefined(path);
-  } catch {
-    return reserved;
-  }
-  for (const part of (text ?? "").trim().split(",")) {
+    if (OS === "linux") {
+      text = readText("/proc/sys/net/ipv4/ip_local_reserved_ports");
+    }
+  } catch { /* no such file, or no permission: none reserved that we know */ }
+  for (const part of text.trim().split(",")) {
     const match = /^(\d+)(?:-(\d+))?$/.exec(part.trim());
     if (!match) continue;
     const last = Math.min(Number(match[2] ?? match[1]), 65535);
@@ -772,15 +776,18 @@ export function reservedPorts(): ReadonlySet<number> {
 let reserved: Set<number> | undefined;
 
 // ===========================================================================
-// 2. The wire protocol, used by the client here and by `portserver.ts`.
-//
-// Classic (the Python server's): the client sends its pid in ASCII and a
-// newline; the server writes the port and a newline, or closes with nothing
-// written. Extended (this project's server): one request line, a verb and
-// `key=value` words, answered by one line: `OK <ports>`, `ERR <why>`, or the
-// status as JSON. The Python server cannot parse a verb and closes without a
-// reply, so a client can tell the two servers apart. Every message is
-// complete only at its newline and never longer than its limit.
+// 2. The wire protocol. Classic (the Python server's): the client sends its
+// pid in ASCII and a newline; the server writes the port and a newline, or
+// closes with nothing written. Extended (this project's server): one request
+// line, a verb and `key=value` words (`TAKE pid=1234 count=2 label=web`,
+// `LEASE count=2`, `RETURN pid=1234 ports=15000,15001`, `STATUS`), answered
+// by one line: `OK <ports>`, `ERR <why>`, or the status as JSON. The Python
+// server cannot parse a verb and closes without a reply, so a client can
+// tell the two servers apart. Each side owns its half, as in the Python
+// original: the server parses requests and writes replies (`portserver.ts`),
+// the client writes requests and parses replies (here). What both need is
+// below: the framing (every message is complete only at its newline and
+// never longer than its limit) and the label rule.
 
 /** Size limits of the wire protocol (bytes, newline included, unless named otherwise). */
 export const PROTOCOL_LIMITS: {
@@ -794,75 +801,19 @@ export const PROTOCOL_LIMITS: {
   readonly statusReply: number;
   /** Ports in one TAKE, LEASE or RETURN. */
   readonly ports: number;
-  /** Characters in a label. */
-  readonly label: number;
 } = {
   classicRequest: 20,
   request: 8192,
   reply: 8192,
   statusReply: 16 * 1024 * 1024,
   ports: 1000,
-  label: 100,
-};
-
-/** An extended request, as {@linkcode parseRequest} reads it. */
-export type ServerRequest =
-  | { verb: "TAKE"; pid: number; count: number; label?: string }
-  | { verb: "LEASE"; count: number; label?: string }
-  | { verb: "RETURN"; pid: number; ports: number[] }
-  | { verb: "STATUS" };
-
-/** One allocation in a STATUS reply. */
-export interface AllocationStatus {
-  /** The port. */
-  port: number;
-  /** The owner process, or null for a lease. */
-  pid: number | null;
-  /** Whether a lease (a connection kept open) holds it. */
-  lease: boolean;
-  /**
-   * Whether its holder still lives; false when the process died or its pid
-   * now names another process: the port is reclaimed when the server next
-   * runs out of free ports.
-   */
-  alive: boolean;
-  /** When it was handed out, as an ISO 8601 time. */
-  since: string;
-  /** The label given with the request, or null. */
-  label: string | null;
-}
-
-/** A STATUS reply: who holds which port. */
-export interface PortServerStatus {
-  /** The server's address. */
-  address: string;
-  /** How many ports it manages. */
-  pool: number;
-  /** How many are held now, by live holders or dead ones. */
-  allocated: number;
-  /** How many of those are held by holders that died (see `alive`). */
-  reclaimable: number;
-  /** Who holds which port, since when, with which label; by port. */
-  allocations: AllocationStatus[];
-}
-
-/** A reply to TAKE, LEASE or RETURN: ports, or the server's refusal. */
-export type PortsReply =
-  | { ok: true; ports: number[] }
-  | { ok: false; error: string };
-
-const VERBS: Record<ServerRequest["verb"], readonly string[]> = {
-  TAKE: ["pid", "count", "label"],
-  LEASE: ["count", "label"],
-  RETURN: ["pid", "ports"],
-  STATUS: [],
 };
 
 /**
  * The label rule: printable ASCII without spaces, 1 to 100 characters.
  *
  * @param label The candidate.
- * @returns Whether the server takes it as a label.
+ * @returns Whether it is a label, for the library and the server alike.
  *
  * @example
  * ```ts
@@ -905,14 +856,15 @@ export class LineReader {
     this.limit = limit;
   }
 
-  /** How many bytes it holds of a line not yet complete. */
-  get size(): number {
-    return this.#size;
-  }
-
-  /** The bytes of the line not yet complete. */
-  bytes(): Uint8Array {
-    return concat(this.#chunks, this.#size);
+  /** The bytes held of a line not yet complete. */
+  get pending(): Uint8Array {
+    const out = new Uint8Array(this.#size);
+    let offset = 0;
+    for (const chunk of this.#chunks) {
+      out.set(chunk, offset);
+      offset += chunk.length;
+    }
+    return out;
   }
 
   /**
@@ -933,247 +885,40 @@ export class LineReader {
         }`,
       );
     }
-    if (newline < 0) {
-      this.#chunks.push(chunk);
-      this.#size = size;
-      return undefined;
-    }
-    const line = this.#chunks.length === 0
-      ? chunk.subarray(0, newline)
-      : concat([...this.#chunks, chunk.subarray(0, newline)], size - 1);
+    this.#chunks.push(newline < 0 ? chunk : chunk.subarray(0, newline));
+    this.#size = newline < 0 ? size : size - 1;
+    if (newline < 0) return undefined;
+    const line = decoder.decode(this.pending);
     this.#chunks = [];
     this.#size = 0;
-    return decoder.decode(line);
+    return line;
   }
 }
 
-/**
- * Whether a request is an extended one: it starts with one of the verbs.
- * Anything else, garbage that starts with a letter too, is a classic request.
- *
- * @param bytes The request's first bytes.
- * @returns Whether it starts with `TAKE`, `LEASE`, `RETURN` or `STATUS`.
- *
- * @example
- * ```ts
- * import { isExtendedRequest } from "@x/portpicker";
- *
- * isExtendedRequest(new TextEncoder().encode("STATUS\n")); // true
- * ```
- */
-export function isExtendedRequest(bytes: Uint8Array): boolean {
-  // Every verb starts with L, R, S or T; a classic request never does.
-  const first = bytes[0];
-  if (first !== 76 && first !== 82 && first !== 83 && first !== 84) {
-    return false;
-  }
-  const head = String.fromCharCode(...bytes.subarray(0, 7));
-  return /^(TAKE|LEASE|RETURN|STATUS)([ \r\n]|$)/.test(head);
+/** An extended request line, newline included. */
+function requestLine(
+  verb: string,
+  words: Record<string, string | number | undefined>,
+): string {
+  const parts = Object.entries(words).filter(([, v]) => v !== undefined);
+  return `${[verb, ...parts.map(([k, v]) => `${k}=${v}`)].join(" ")}\n`;
 }
 
 /**
- * The pid of a classic request, parsed as the Python server does (Python's
- * `int()`: white space around, a sign, digit groups with `_`), or undefined
- * for one it rejects: empty, over 20 bytes, or not a number.
- *
- * @param bytes The request.
- * @returns The pid (maybe 0 or negative), or undefined.
- *
- * @example
- * ```ts
- * import { parseClassicRequest } from "@x/portpicker";
- *
- * parseClassicRequest(new TextEncoder().encode("1234\n")); // 1234
- * ```
+ * The ports of an `OK` reply to TAKE, LEASE or RETURN: `count` distinct
+ * ports of 1–65535. An `ERR` reply throws with the server's words.
  */
-export function parseClassicRequest(bytes: Uint8Array): number | undefined {
-  if (bytes.length > PROTOCOL_LIMITS.classicRequest || bytes.length === 0) {
-    return undefined;
-  }
-  // The usual form, digits and a newline, without a string (at most 15
-  // digits: exact as a double, as Number() of the text would be).
-  let digits = 0;
-  let pid = 0;
-  for (; digits < bytes.length && bytes[digits] - 48 >>> 0 < 10; digits++) {
-    pid = pid * 10 + bytes[digits] - 48;
-  }
-  if (
-    digits > 0 && digits <= 15 &&
-    (digits === bytes.length ||
-      digits === bytes.length - 1 && bytes[digits] === 10)
-  ) {
-    return pid;
-  }
-  let text = "";
-  for (const b of bytes) {
-    if (b > 0x7f) return undefined;
-    text += String.fromCharCode(b);
-  }
-  const match = /^[ \t\n\r\f\v]*([+-]?\d+(?:_\d+)*)[ \t\n\r\f\v]*$/.exec(text);
-  return match ? Number(match[1].replaceAll("_", "")) : undefined;
-}
-
-/**
- * Parses an extended request line, as `TAKE pid=1234 count=3 label=web`.
- * Unknown and repeated keys are refused.
- *
- * @param line The request, without its newline.
- * @returns The request, or `{ error }` naming what is wrong.
- *
- * @example
- * ```ts
- * import { parseRequest } from "@x/portpicker";
- *
- * parseRequest("TAKE pid=1234 count=2"); // { verb: "TAKE", pid: 1234, count: 2 }
- * ```
- */
-export function parseRequest(line: string): ServerRequest | { error: string } {
-  line = line.endsWith("\r") ? line.slice(0, -1) : line;
-  if (!/^[\x20-\x7e]*$/.test(line)) {
-    return { error: "not one line of printable ASCII" };
-  }
-  const [verb, ...words] = line.split(" ").filter((t) => t !== "");
-  if (!Object.hasOwn(VERBS, verb ?? "")) {
-    return { error: `unknown request ${JSON.stringify(verb ?? "")}` };
-  }
-  const known = VERBS[verb as ServerRequest["verb"]];
-  const values = new Map<string, string>();
-  for (const word of words) {
-    const eq = word.indexOf("=");
-    const key = word.slice(0, Math.max(eq, 0));
-    if (eq <= 0 || !known.includes(key)) {
-      return { error: `unexpected ${JSON.stringify(word)} in ${verb}` };
-    }
-    if (values.has(key)) {
-      return { error: `duplicate key ${JSON.stringify(key)} in ${verb}` };
-    }
-    values.set(key, word.slice(eq + 1));
-  }
-  const number = (key: string, digits: number, min: number, max: number) => {
-    const text = values.get(key)!;
-    const n = Number(text);
-    if (!new RegExp(`^\\d{1,${digits}}$`).test(text) || n < min || n > max) {
-      throw `invalid ${key} ${JSON.stringify(text)}: expected ${min} to ${max}`;
-    }
-    return n;
-  };
-  try {
-    const limit = PROTOCOL_LIMITS.ports;
-    const count = values.has("count") ? number("count", 4, 1, limit) : 1;
-    const label = values.get("label");
-    if (label !== undefined && !isLabel(label)) {
-      return { error: "a label has 1 to 100 printable characters" };
-    }
-    for (const key of ["pid", "ports"]) {
-      if (known.includes(key) && !values.has(key)) {
-        return { error: `${verb} needs ${key}=` };
-      }
-    }
-    switch (verb) {
-      case "STATUS":
-        return { verb };
-      case "LEASE":
-        return label === undefined ? { verb, count } : { verb, count, label };
-      case "TAKE": {
-        const pid = number("pid", 10, 0, MAX_PID);
-        return label === undefined
-          ? { verb, pid, count }
-          : { verb, pid, count, label };
-      }
-      default: {
-        const pid = number("pid", 10, 0, MAX_PID);
-        const list = values.get("ports")!.split(",");
-        if (list.length > limit) {
-          return { error: `more than ${limit} ports in RETURN` };
-        }
-        const ports: number[] = [];
-        const seen = new Set<number>();
-        for (const text of list) {
-          const port = Number(text);
-          if (!/^\d{1,5}$/.test(text) || port < 1 || port > 65535) {
-            return { error: `invalid port ${JSON.stringify(text)}` };
-          }
-          if (seen.has(port)) return { error: `port ${port} named twice` };
-          seen.add(port);
-          ports.push(port);
-        }
-        return { verb: "RETURN", pid, ports };
-      }
-    }
-  } catch (error) {
-    return { error: String(error) };
-  }
-}
-
-/**
- * Writes an extended request as its line, newline included.
- *
- * @param request The request; its values are not checked again here.
- * @returns The line.
- *
- * @example
- * ```ts
- * import { formatRequest } from "@x/portpicker";
- *
- * formatRequest({ verb: "TAKE", pid: 1234, count: 2 }); // "TAKE pid=1234 count=2\n"
- * ```
- */
-export function formatRequest(request: ServerRequest): string {
-  switch (request.verb) {
-    case "STATUS":
-      return "STATUS\n";
-    case "RETURN":
-      return `RETURN pid=${request.pid} ports=${request.ports.join(",")}\n`;
-    default: {
-      const pid = request.verb === "TAKE" ? ` pid=${request.pid}` : "";
-      const label = request.label ? ` label=${request.label}` : "";
-      return `${request.verb}${pid} count=${request.count}${label}\n`;
-    }
-  }
-}
-
-/**
- * Writes the reply of TAKE, LEASE or RETURN.
- *
- * @param reply The ports given or freed, or the refusal.
- * @returns The line, newline included.
- *
- * @example
- * ```ts
- * import { formatReply } from "@x/portpicker";
- *
- * formatReply({ ok: true, ports: [15000, 15001] }); // "OK 15000 15001\n"
- * ```
- */
-export function formatReply(reply: PortsReply): string {
-  return reply.ok
-    ? `OK ${reply.ports.join(" ")}\n`
-    : `ERR ${reply.error.replace(/[^\x20-\x7e]/g, "?")}\n`;
-}
-
-/**
- * Reads the reply of TAKE, LEASE or RETURN. Every port must lie in 1–65535,
- * appear once, and be as many as `count`.
- *
- * @param line The reply, without its newline.
- * @param count How many ports the request asked for.
- * @param address The server, named in the error.
- * @returns The ports, or the server's refusal.
- * @throws {Error} On a malformed reply, naming it and the server.
- *
- * @example
- * ```ts
- * import { parseReply } from "@x/portpicker";
- *
- * parseReply("OK 15000 15001", 2); // { ok: true, ports: [15000, 15001] }
- * ```
- */
-export function parseReply(
+function parsePorts(
   line: string,
   count: number,
-  address = "the port server",
-): PortsReply {
-  if (line.startsWith("ERR ")) return { ok: false, error: line.slice(4) };
+  address: string,
+  refused: string,
+): number[] {
+  if (line.startsWith("ERR ")) {
+    throw new Error(
+      `The port server at ${address} ${refused}: ${line.slice(4)}`,
+    );
+  }
   const words = line.split(" ");
   const ports = words.slice(1).map((w) => /^\d{1,5}$/.test(w) ? Number(w) : 0);
   if (
@@ -1186,48 +931,11 @@ export function parseReply(
       } (expected OK and ${count} distinct ports)`,
     );
   }
-  return { ok: true, ports };
+  return ports;
 }
 
-/**
- * The port in a classic reply, or undefined for none: empty, `0`, or not a
- * port (a Python client would fail on it too).
- *
- * @param line The reply, without its newline.
- * @returns The port, 1 to 65535, or undefined.
- *
- * @example
- * ```ts
- * import { parseClassicReply } from "@x/portpicker";
- *
- * parseClassicReply("15000"); // 15000
- * ```
- */
-export function parseClassicReply(line: string): number | undefined {
-  if (!/^\d{1,5}$/.test(line)) return undefined;
-  const port = Number(line);
-  return port >= 1 && port <= 65535 ? port : undefined;
-}
-
-/**
- * Reads a STATUS reply, checking every field.
- *
- * @param line The reply, without its newline.
- * @param address The server, named in the error.
- * @returns The status.
- * @throws {Error} When it is not a status as {@linkcode PortServerStatus} says.
- *
- * @example
- * ```ts
- * import { parseStatus } from "@x/portpicker";
- *
- * parseStatus('{"address":"@x","pool":1,"allocated":0,"reclaimable":0,"allocations":[]}');
- * ```
- */
-export function parseStatus(
-  line: string,
-  address = "the port server",
-): PortServerStatus {
+/** A STATUS reply, every field checked. */
+function parseStatus(line: string, address: string): PortServerStatus {
   const bad = (why: string) =>
     new Error(`Bad status from the port server at ${address}: ${why}`);
   let data: PortServerStatus;
@@ -1246,7 +954,7 @@ export function parseStatus(
   }
   for (const a of data.allocations) {
     if (
-      !(a?.port >= 1 && a.port <= 65535 && Number.isInteger(a.port)) ||
+      !(Number.isInteger(a?.port) && a.port >= 1 && a.port <= 65535) ||
       !(a.pid === null || count(a.pid)) || typeof a.lease !== "boolean" ||
       typeof a.alive !== "boolean" || typeof a.since !== "string" ||
       !(a.label === null || typeof a.label === "string")
@@ -1259,11 +967,8 @@ export function parseStatus(
 
 // ===========================================================================
 // 3. The runtime adapter: every difference between Deno, Bun and Node lives
-// here, behind typed functions. Deno's own sockets and files where it has
-// them (its node: modules cost start-up time and are several times slower),
-// Bun's own sockets on Bun, node: modules on Node; and for the short-lived
-// binds of a check, on Linux, the C library by FFI (Bun; Deno with
-// --allow-ffi), which costs half as much as any runtime's sockets.
+// here. Deno's own sockets and files (its node: modules cost start-up time),
+// Bun's own sockets for the binds of a check, node: modules elsewhere.
 
 /** What this file uses of Bun's own socket API. */
 interface BunApi {
@@ -1296,11 +1001,12 @@ const deno: typeof Deno | undefined = host.Deno;
 const bun: BunApi | undefined = deno ? undefined : host.Bun;
 const node: NodeProcess | undefined = deno ? undefined : host.process;
 const OS: string = deno ? deno.build.os : node!.platform;
-const IS_LINUX = OS === "linux";
-const IS_WINDOWS = OS === "windows" || OS === "win32";
-const MAX_PID = 0x7fffffff;
 const decoder = new TextDecoder();
 const encoder = new TextEncoder();
+const fs = () => node!.getBuiltinModule("node:fs");
+let netModule: Promise<typeof import("node:net")> | undefined;
+// Loaded on first use: importing it costs start-up time.
+const loadNet = () => netModule ??= import("node:net");
 
 type Proto = "tcp" | "udp";
 
@@ -1310,26 +1016,12 @@ interface BoundSocket {
   close(): Promise<void>;
 }
 
-/** An error as the runtimes throw them: a code, a name, a message. */
-interface ErrorWithCode {
-  code?: unknown;
-  name?: unknown;
-  message?: unknown;
-}
-
-let netModule: Promise<typeof import("node:net")> | undefined;
-let dgramModule: Promise<typeof import("node:dgram")> | undefined;
-// Loaded on first use: importing them costs start-up time.
-const loadNet = () => netModule ??= import("node:net");
-const loadDgram = () => dgramModule ??= import("node:dgram");
-const fs = () => node!.getBuiltinModule("node:fs");
-
 const CLOSED: Promise<void> = Promise.resolve();
 
 /**
- * Binds a socket (TCP listening, or UDP). With `reusePort`, SO_REUSEPORT is
- * set where the runtime can: on TCP everywhere (Deno needs --unstable-net),
- * on UDP on Node only; elsewhere the UDP socket is bound plainly.
+ * Binds a socket (TCP listening, or UDP) on `hostname`, a wildcard address.
+ * With `reusePort`, SO_REUSEPORT is set where the runtime can: on TCP
+ * everywhere (Deno needs --unstable-net), on UDP on Node only.
  */
 async function bindSocket(
   proto: Proto,
@@ -1337,55 +1029,38 @@ async function bindSocket(
   port: number,
   reusePort = false,
 ): Promise<BoundSocket> {
-  if (proto === "tcp" && bun) {
-    const listener = bun.listen({
-      hostname,
-      port,
-      reusePort,
-      socket: { data() {} },
-    });
+  if (bun) {
+    const socket = proto === "tcp"
+      ? bun.listen({ hostname, port, reusePort, socket: { data() {} } })
+      : await bun.udpSocket({ hostname, port });
     // A held port must not keep the caller's process alive.
-    listener.unref();
-    return { port: listener.port, close: () => (listener.stop(true), CLOSED) };
-  }
-  if (proto === "udp" && bun) {
-    const socket = await bun.udpSocket({ hostname, port });
     socket.unref();
-    return { port: socket.port, close: () => (socket.close(), CLOSED) };
+    const close = "stop" in socket
+      ? () => socket.stop(true)
+      : () => socket.close();
+    return { port: socket.port, close: () => (close(), CLOSED) };
   }
-  if (proto === "tcp" && deno) {
+  if (deno && (proto === "tcp" || typeof deno.listenDatagram === "function")) {
     // Without --unstable-net, Deno ends the process on reusePort instead of
     // throwing; listenDatagram exists exactly when the flag is given.
     if (reusePort && typeof deno.listenDatagram !== "function") {
       throw new Error("reusePort is unstable: Deno needs --unstable-net");
     }
-    const listener = deno.listen(
-      reusePort
-        ? { hostname, port, transport: "tcp", reusePort }
-        : { hostname, port, transport: "tcp" },
-    );
+    const options = { hostname, port, ...reusePort ? { reusePort } : {} };
+    const socket = proto === "tcp"
+      ? deno.listen({ ...options, transport: "tcp" })
+      : deno.listenDatagram({ ...options, transport: "udp" });
     return {
       // Asking the socket costs a system call: only for the kernel's choice.
-      port: port || (listener.addr as Deno.NetAddr).port,
-      close: () => (listener.close(), CLOSED),
-    };
-  }
-  // Deno.listenDatagram exists only with --unstable-net.
-  if (proto === "udp" && deno && typeof deno.listenDatagram === "function") {
-    const conn = deno.listenDatagram({ hostname, port, transport: "udp" });
-    return {
-      port: port || (conn.addr as Deno.NetAddr).port,
-      close: () => (conn.close(), CLOSED),
+      port: port || (socket.addr as Deno.NetAddr).port,
+      close: () => (socket.close(), CLOSED),
     };
   }
   if (deno) {
     // Deno's node:dgram reports a missing permission asynchronously, out of
     // reach of any catch: ask first.
     const where = `${hostname === "::" ? "[::]" : hostname}:${port}`;
-    if (
-      deno.permissions.querySync({ name: "net", host: where }).state !==
-        "granted"
-    ) {
+    if (!granted({ name: "net", host: where })) {
       throw Object.assign(new Error(`Requires net access to "${where}"`), {
         name: "NotCapable",
       });
@@ -1393,198 +1068,38 @@ async function bindSocket(
   }
   if (proto === "tcp") {
     const net = await loadNet();
-    return await new Promise((resolve, reject) => {
-      const server = net.createServer();
+    const server = net.createServer();
+    await new Promise<void>((resolve, reject) => {
       server.once("error", reject);
-      const options = { host: hostname, port, backlog: 1, exclusive: true };
-      server.listen(
-        reusePort ? { ...options, reusePort } : options,
-        () => {
-          server.off("error", reject);
-          server.unref();
-          resolve({
-            port: (server.address() as { port: number }).port,
-            close: () => new Promise((done) => server.close(() => done())),
-          });
-        },
-      );
+      server.listen({
+        host: hostname,
+        port,
+        backlog: 1,
+        exclusive: true,
+        ...reusePort ? { reusePort } : {},
+      }, resolve);
     });
-  }
-  const dgram = await loadDgram();
-  return await new Promise((resolve, reject) => {
-    const socket = dgram.createSocket({
-      type: hostname.includes(":") ? "udp6" : "udp4",
-      reuseAddr: false,
-      reusePort,
-    });
-    const failed = (error: Error) => {
-      socket.close();
-      reject(error);
+    server.unref();
+    return {
+      port: (server.address() as { port: number }).port,
+      close: () => new Promise((done) => server.close(() => done())),
     };
-    socket.once("error", failed);
-    socket.bind({ address: hostname, port, exclusive: true }, () => {
-      socket.off("error", failed);
-      socket.unref();
-      resolve({
-        port: socket.address().port,
-        close: () => new Promise((done) => socket.close(() => done())),
-      });
-    });
+  }
+  const dgram = await import("node:dgram");
+  const socket = dgram.createSocket({
+    type: hostname.includes(":") ? "udp6" : "udp4",
+    reusePort,
   });
-}
-
-/**
- * Binds through the C library, by the runtime's FFI (Bun, and Deno with
- * --allow-ffi), on Linux on x64 and arm64 with glibc. The same binds as
- * `bindSocket` on `::`, dual-stack (TCP with SO_REUSEADDR and listening,
- * UDP plain), and closed at once, but synchronous and without the event
- * loop: each of the runtime's own sockets is also registered with the event
- * loop and unregistered, and awaited. A check costs about half as much.
- */
-interface Libc {
-  socket(domain: number, type: number, protocol: number): number;
-  setsockopt(
-    fd: number,
-    level: number,
-    name: number,
-    value: Int32Array,
-    length: number,
-  ): number;
-  bind(fd: number, address: Uint8Array, length: number): number;
-  listen(fd: number, backlog: number): number;
-  getsockname(fd: number, address: Uint8Array, length: Int32Array): number;
-  close(fd: number): number;
-  /** The calling thread's errno, read after a failed call. */
-  errno(): number;
-}
-
-/** Linux's values on x64 and arm64 (some other architectures differ). */
-const LINUX = {
-  AF_INET6: 10,
-  SOCK_STREAM: 1,
-  SOCK_DGRAM: 2,
-  SOCK_CLOEXEC: 0o2000000,
-  SOL_SOCKET: 1,
-  SO_REUSEADDR: 2,
-  IPPROTO_IPV6: 41,
-  IPV6_V6ONLY: 26,
-  EPERM: 1,
-  EACCES: 13,
-  EADDRINUSE: 98,
-} as const;
-
-/** The C library's functions, or null where they cannot be had; opened on first use. */
-let libc: Libc | null | undefined;
-
-function openLibc(): Libc | null {
-  const arch = deno ? deno.build.arch : host.process?.arch;
-  if (!IS_LINUX || !["x86_64", "x64", "aarch64", "arm64"].includes(arch)) {
-    return null;
-  }
-  const signatures: Record<string, [string[], string]> = {
-    socket: [["i32", "i32", "i32"], "i32"],
-    setsockopt: [["i32", "i32", "i32", "buffer", "i32"], "i32"],
-    bind: [["i32", "buffer", "i32"], "i32"],
-    listen: [["i32", "i32"], "i32"],
-    getsockname: [["i32", "buffer", "buffer"], "i32"],
-    close: [["i32"], "i32"],
-    __errno_location: [[], "pointer"],
+  await new Promise<void>((resolve, reject) => {
+    socket.once("error", (error) => (socket.close(), reject(error)));
+    socket.bind({ address: hostname, port, exclusive: true }, resolve);
+  });
+  socket.removeAllListeners("error");
+  socket.unref();
+  return {
+    port: socket.address().port,
+    close: () => new Promise((done) => socket.close(() => done())),
   };
-  // Never a permission prompt: only when already granted.
-  const allowed = deno
-    ? typeof deno.dlopen === "function" &&
-      deno.permissions.querySync({ name: "ffi" }).state === "granted"
-    : bun !== undefined;
-  // PORTPICKER_NO_FFI: the way out, should a runtime's FFI ever misbehave.
-  if (!allowed || readEnv("PORTPICKER_NO_FFI")) return null;
-  try {
-    if (deno) {
-      const symbols = Object.fromEntries(
-        Object.entries(signatures).map(([name, [parameters, result]]) => [
-          name,
-          { parameters, result },
-        ]),
-      );
-      // deno-lint-ignore no-explicit-any
-      const lib = deno.dlopen("libc.so.6", symbols as any).symbols as any;
-      // errno is per thread, and this module lives on one thread.
-      const errno = new deno.UnsafePointerView(lib.__errno_location());
-      return Object.assign(lib, { errno: () => errno.getInt32() });
-    }
-    if (bun) {
-      // deno-lint-ignore no-explicit-any
-      const ffi = (import.meta as any).require("bun:ffi");
-      const type = (t: string) =>
-        t === "buffer" ? "ptr" : t === "pointer" ? "ptr" : t;
-      const symbols = Object.fromEntries(
-        Object.entries(signatures).map(([name, [args, returns]]) => [name, {
-          args: args.map(type),
-          returns: type(returns),
-        }]),
-      );
-      const lib = ffi.dlopen("libc.so.6", symbols).symbols;
-      const where = lib.__errno_location();
-      return Object.assign(lib, { errno: () => ffi.read.i32(where, 0) });
-    }
-  } catch {
-    // No glibc (musl, say), or no FFI: the runtime's own sockets do.
-  }
-  return null;
-}
-
-/** sockaddr_in6 for [::], its port set per call; the rest, allocated once. */
-const socketAddress = new Uint8Array(28);
-const socketAddressView = new DataView(socketAddress.buffer);
-socketAddressView.setUint16(0, LINUX.AF_INET6, true);
-const addressLength = new Int32Array(1);
-const ONE = new Int32Array([1]);
-const ZERO = new Int32Array([0]);
-
-/**
- * Binds `port` (0: the kernel's choice) on `proto` through the C library,
- * dual-stack, and closes it again. Returns the port; undefined when it is
- * taken (EADDRINUSE, EACCES, EPERM: what `classify` calls taken); null when
- * the C library is not there or fails otherwise, for the runtime's own
- * sockets to do it and name the error.
- */
-function bindNow(proto: Proto, port: number): number | undefined | null {
-  const c = libc === undefined ? (libc = openLibc()) : libc;
-  if (!c) return null;
-  const tcp = proto === "tcp";
-  const fd = c.socket(
-    LINUX.AF_INET6,
-    (tcp ? LINUX.SOCK_STREAM : LINUX.SOCK_DGRAM) | LINUX.SOCK_CLOEXEC,
-    0,
-  );
-  if (fd < 0) return null;
-  try {
-    socketAddressView.setUint16(2, port, false);
-    addressLength[0] = 28;
-    const dual =
-      c.setsockopt(fd, LINUX.IPPROTO_IPV6, LINUX.IPV6_V6ONLY, ZERO, 4) === 0;
-    // A TCP port that nothing at all is bound to binds without SO_REUSEADDR,
-    // and then a listen cannot fail: that stronger bind saves two calls and
-    // a listening socket. Only when it fails (a connection in TIME_WAIT,
-    // say) does the same socket go on to the binds of `bindSocket`.
-    if (dual && tcp && port !== 0 && c.bind(fd, socketAddress, 28) === 0) {
-      return port;
-    }
-    const bound = dual &&
-      (!tcp ||
-        c.setsockopt(fd, LINUX.SOL_SOCKET, LINUX.SO_REUSEADDR, ONE, 4) ===
-          0) &&
-      c.bind(fd, socketAddress, 28) === 0 &&
-      (!tcp || c.listen(fd, 1) === 0) &&
-      (port !== 0 || c.getsockname(fd, socketAddress, addressLength) === 0);
-    if (bound) return port || socketAddressView.getUint16(2, false);
-    const errno = c.errno();
-    return errno === LINUX.EADDRINUSE || errno === LINUX.EACCES ||
-        errno === LINUX.EPERM
-      ? undefined
-      : null;
-  } finally {
-    c.close(fd);
-  }
 }
 
 /** A Unix stream connection, the same on every runtime. */
@@ -1603,14 +1118,15 @@ interface UnixConnection {
 /** `@name` is the Linux abstract namespace; on Windows, a named pipe. */
 function unixPath(address: string): string {
   if (!address.startsWith("@")) return address;
-  return IS_WINDOWS
+  return OS === "windows" || OS === "win32"
     ? `\\\\.\\pipe\\${address.slice(1)}`
     : `\0${address.slice(1)}`;
 }
 
 async function connectUnix(address: string): Promise<UnixConnection> {
   const path = unixPath(address);
-  if (deno && !IS_WINDOWS) {
+  if (deno && path.startsWith("\\")) throw new Error("no named pipes on Deno");
+  if (deno) {
     const conn = await deno.connect({ transport: "unix", path });
     const buffer = new Uint8Array(16384);
     let closed = false;
@@ -1623,16 +1139,12 @@ async function connectUnix(address: string): Promise<UnixConnection> {
       },
       closeWrite: () => conn.closeWrite(),
       read: async () => {
-        if (closed) return null;
-        const n = await conn.read(buffer);
+        const n = closed ? null : await conn.read(buffer);
         return n === null ? null : buffer.slice(0, n);
       },
       close: () => {
-        if (closed) return;
+        if (!closed) conn.close();
         closed = true;
-        try {
-          conn.close();
-        } catch { /* already closed */ }
       },
       unref: () => conn.unref(),
     };
@@ -1650,33 +1162,22 @@ async function connectUnix(address: string): Promise<UnixConnection> {
     chunks.push(chunk);
     wake?.();
   };
-  socket.on("data", (chunk: Uint8Array) => push(chunk));
-  socket.on("end", () => push(null));
+  socket.on("data", push);
   socket.on("close", () => push(null));
-  socket.on("error", (error: Error) => {
-    failure = error;
-    push(null);
-  });
-  const done =
-    (resolve: () => void, reject: (e: Error) => void) =>
-    (error?: Error | null) => error ? reject(error) : resolve();
+  socket.on("error", (error: Error) => (failure = error, push(null)));
   return {
     write: (text) =>
       new Promise((resolve, reject) =>
-        socket.write(text, done(resolve, reject))
+        socket.write(text, (error) => error ? reject(error) : resolve())
       ),
     closeWrite: () => new Promise((resolve) => socket.end(resolve)),
     read: async () => {
       while (chunks.length === 0) {
         await new Promise<void>((resolve) => wake = resolve);
-        wake = undefined;
       }
-      const chunk = chunks.shift()!;
-      if (chunk === null) {
-        chunks.unshift(null);
-        if (failure) throw failure;
-      }
-      return chunk;
+      if (chunks[0] !== null) return chunks.shift()!;
+      if (failure) throw failure;
+      return null;
     },
     close: () => void socket.destroy(),
     unref: () => void socket.unref(),
@@ -1684,23 +1185,36 @@ async function connectUnix(address: string): Promise<UnixConnection> {
 }
 
 /** Connects over TCP and closes at once: whether something accepts there. */
-async function connectTcp(hostname: string, port: number): Promise<void> {
+async function connectTcp(
+  hostname: string,
+  port: number,
+  signal: AbortSignal,
+): Promise<void> {
   if (deno) {
-    (await deno.connect({ hostname, port, transport: "tcp" })).close();
+    (await deno.connect({ hostname, port, transport: "tcp", signal })).close();
     return;
   }
   const net = await loadNet();
   await new Promise<void>((resolve, reject) => {
-    const socket = net.connect({ host: hostname, port });
-    socket.once("connect", () => {
-      socket.destroy();
-      resolve();
-    });
-    socket.once("error", (error) => {
-      socket.destroy();
-      reject(error);
-    });
+    const socket = net.connect({ host: hostname, port, signal });
+    socket.once("connect", () => (socket.destroy(), resolve()));
+    socket.once("error", (error) => (socket.destroy(), reject(error)));
   });
+}
+
+/** What a failed connect says: nothing accepts yet, or a reason to stop. */
+function connectError(error: unknown): "refused" | "denied" | "unknown host" {
+  const { name } = (error ?? {}) as { name?: string };
+  const code = errorCode(error) ?? "";
+  if (name === "NotCapable") return "denied";
+  if (["ENOTFOUND", "EAI_NONAME", "EAI_AGAIN"].includes(code)) {
+    return "unknown host";
+  }
+  // Deno names a host it cannot resolve only in the message.
+  if (/failed to lookup address|Name or service not known/i.test(`${error}`)) {
+    return "unknown host";
+  }
+  return "refused";
 }
 
 function ownPid(): number {
@@ -1711,84 +1225,40 @@ function ownPid(): number {
 function processExists(pid: number): boolean {
   try {
     // Deno has Node's process too; its own Deno.kill takes no signal 0.
-    (node ?? host.process as NodeProcess).kill(pid, 0);
+    host.process.kill(pid, 0);
     return true;
   } catch (error) {
     return errorCode(error) === "EPERM";
   }
 }
 
-let envWarned = false;
-const envAccess: Record<string, Deno.PermissionState> = {};
-
-/**
- * Reads an environment variable; on Deno without `--allow-env` for it, says
- * so once on stderr and treats it as unset (no prompt, no crash).
- */
-function readEnv(name: string): string | undefined {
-  if (!deno) return node!.env[name];
-  // Asked once per variable: a grant lasts, and asking costs every pick.
-  const state = envAccess[name] ??=
-    deno.permissions.querySync({ name: "env", variable: name }).state;
-  if (state !== "granted") {
-    if (!envWarned) {
-      envWarned = true;
-      console.error(
-        "portpicker: PORTSERVER_ADDRESS and PORTPICKER_LOCK_DIR not read (Deno needs --allow-env); picking without them",
-      );
-    }
-    return undefined;
-  }
-  return deno.env.get(name);
+/** Whether Deno grants a permission, asked without a prompt (true elsewhere). */
+function granted(descriptor: Deno.PermissionDescriptor): boolean {
+  return !deno || deno.permissions.querySync(descriptor).state === "granted";
 }
 
-/** Whether this process may read `path` (Deno's permissions; true elsewhere). */
-function mayRead(path: string): boolean {
-  return !deno ||
-    deno.permissions.querySync({ name: "read", path }).state === "granted";
+/**
+ * An environment variable, or undefined when it is empty or unset; on Deno
+ * without `--allow-env` for it, undefined too: no prompt, no warning.
+ */
+function readEnv(name: string): string | undefined {
+  if (!deno) return node!.env[name] || undefined;
+  return granted({ name: "env", variable: name })
+    ? deno.env.get(name) || undefined
+    : undefined;
 }
 
 function errorCode(error: unknown): string | undefined {
   return (error as { code?: string } | undefined)?.code;
 }
 
-/** A file's text, or undefined when it does not exist. */
-function readTextOrUndefined(path: string): string | undefined {
-  try {
-    return deno ? deno.readTextFileSync(path) : fs().readFileSync(path, "utf8");
-  } catch (error) {
-    const code = errorCode(error);
-    if (code === "ENOENT" || code === "ESRCH") return undefined;
-    throw error;
-  }
+/** An error's message (Deno's permission errors name the flag they need). */
+function describe(error: unknown): string {
+  return String((error as Error)?.message ?? error);
 }
 
-const statBuffer = new Uint8Array(1024);
-
-/**
- * `/proc/<pid>/stat`, or undefined when no such process: read into one
- * buffer on Deno (three system calls, where reading a text file takes six).
- */
-function readProcStat(pid: number): string | undefined {
-  const path = `/proc/${pid}/stat`;
-  if (!deno) return readTextOrUndefined(path);
-  let file: Deno.FsFile;
-  try {
-    file = deno.openSync(path);
-  } catch (error) {
-    if (errorCode(error) === "ENOENT") return undefined;
-    throw error;
-  }
-  try {
-    const n = file.readSync(statBuffer);
-    return n === null ? "" : decoder.decode(statBuffer.subarray(0, n));
-  } catch (error) {
-    // The process ended between the open and the read.
-    if (errorCode(error) === "ESRCH") return undefined;
-    throw error;
-  } finally {
-    file.close();
-  }
+function readText(path: string): string {
+  return deno ? deno.readTextFileSync(path) : fs().readFileSync(path, "utf8");
 }
 
 /** The file operations of lock-directory claims, synchronous. */
@@ -1810,20 +1280,48 @@ const files = {
     if (deno) deno.mkdirSync(path, { recursive });
     else fs().mkdirSync(path, { recursive });
   },
-  /** Removes a file or a directory tree; nothing there is fine. */
+  /** Removes a file or an empty directory; nothing there is fine. */
   remove(path: string): void {
     try {
-      if (deno) deno.removeSync(path, { recursive: true });
-      else fs().rmSync(path, { recursive: true, force: true });
+      if (deno) deno.removeSync(path);
+      else fs().rmSync(path, { recursive: true });
     } catch (error) {
       if (errorCode(error) !== "ENOENT") throw error;
     }
   },
-  /** Milliseconds since the file last changed. */
+  /**
+   * A small regular file's text, read without following a symlink and
+   * without waiting on a FIFO: undefined when nothing is there, null when
+   * something else is (or it is larger than `limit` bytes).
+   */
+  readSmall(path: string, limit: number): string | undefined | null {
+    try {
+      if (deno) {
+        const info = deno.lstatSync(path);
+        if (!info.isFile || info.size > limit) return null;
+        return deno.readTextFileSync(path);
+      }
+      const { constants: c, openSync, fstatSync, readSync, closeSync } = fs();
+      const fd = openSync(path, c.O_RDONLY | c.O_NOFOLLOW | c.O_NONBLOCK);
+      try {
+        const info = fstatSync(fd);
+        if (!info.isFile() || info.size > limit) return null;
+        const buffer = new Uint8Array(limit);
+        return decoder.decode(buffer.subarray(0, readSync(fd, buffer)));
+      } finally {
+        closeSync(fd);
+      }
+    } catch (error) {
+      if (errorCode(error) === "ENOENT") return undefined;
+      if (errorCode(error) === "ELOOP") return null;
+      throw error;
+    }
+  },
+  /** Milliseconds since the file (or a symlink itself) last changed. */
   age(path: string): number {
     const mtime = deno
-      ? deno.statSync(path).mtime?.getTime() ?? 0
-      : fs().statSync(path).mtimeMs;
+      ? deno.lstatSync(path).mtime?.getTime() ?? 0
+      : fs().lstatSync(path).mtimeMs;
     return Date.now() - mtime;
   },
 };
@@ -1835,31 +1333,30 @@ function atExit(fn: () => void): void {
 }
 
 // ===========================================================================
-// 4. Port checks.
+// 4. How a port is checked. Python's `bind(port, type)`: for IPv6 and then
+// IPv4, bind the wildcard address (a TCP socket listens) and close at once;
+// a family the host lacks is skipped; the port is free when every bind
+// succeeds. Where one bind on `::` covers IPv4 too (dual-stack, Linux's
+// default), that one bind checks both families: it fails whenever an IPv4 or
+// an IPv6 socket holds the port. A free port is free on TCP and on UDP.
 
 /** Errors that say the host lacks this address family: skip the family. */
-const FAMILY_MISSING = new Set([
+const FAMILY_MISSING = [
   "EAFNOSUPPORT",
   "EADDRNOTAVAIL",
   "EPROTONOSUPPORT",
   "AddrNotAvailable",
-]);
+];
 /** Errors that say the port is taken, or not ours to take. */
-const PORT_TAKEN = new Set(["EADDRINUSE", "EACCES", "EPERM", "AddrInUse"]);
+const PORT_TAKEN = ["EADDRINUSE", "EACCES", "EPERM", "AddrInUse"];
 
 function classify(error: unknown): "family" | "taken" | "other" {
-  const { code, name } = (error ?? {}) as ErrorWithCode;
-  if (
-    FAMILY_MISSING.has(code as string) || FAMILY_MISSING.has(name as string)
-  ) {
-    return "family";
-  }
+  const { name } = (error ?? {}) as Error;
+  const code = errorCode(error);
+  if ([code, name].some((c) => FAMILY_MISSING.includes(c!))) return "family";
   // Deno's own permission error is "NotCapable", and is not about the port.
-  if (PORT_TAKEN.has(code as string) || PORT_TAKEN.has(name as string)) {
-    return "taken";
-  }
-  if (name === "PermissionDenied" && code === undefined) return "taken";
-  return "other";
+  if ([code, name].some((c) => PORT_TAKEN.includes(c!))) return "taken";
+  return name === "PermissionDenied" && code === undefined ? "taken" : "other";
 }
 
 function bindError(
@@ -1868,26 +1365,15 @@ function bindError(
   hostname: string,
   port: number,
 ): Error {
-  const { name, message } = (error ?? {}) as ErrorWithCode;
-  const why = name === "NotCapable"
-    ? "network access denied (Deno needs --allow-net)"
-    : String(message ?? error);
   return new Error(
-    `Cannot check port ${port} (${proto.toUpperCase()} on ${hostname}): ${why}`,
+    `Cannot check port ${port} (${proto.toUpperCase()} on ${hostname}): ${
+      describe(error)
+    }`,
     { cause: error },
   );
 }
 
-/** IPv6 first: a dual-stack IPv6 socket covers IPv4 too. */
-const WILDCARDS = ["::", "0.0.0.0"] as const;
-const DUAL = ["::"] as const;
-
-/**
- * Per protocol: whether one bind on `::` covers IPv4 too (dual-stack, as
- * Linux does by default). Then a single bind checks both families: it fails
- * whenever an IPv4 or an IPv6 socket holds the port, as the two binds of the
- * Python original would. Found out once, on first use.
- */
+/** Per protocol: whether a bind on `::` covers IPv4 too. Found out once. */
 const dualStack: Partial<Record<Proto, Promise<boolean>>> = {};
 
 async function detectDualStack(proto: Proto): Promise<boolean> {
@@ -1909,26 +1395,17 @@ async function detectDualStack(proto: Proto): Promise<boolean> {
 
 /**
  * Binds `port` on each family the host has, one at a time, and closes it
- * again. Port 0 takes the kernel's choice on IPv6 and then tries that port
- * on IPv4. Returns the port, or undefined when it is taken on any family or
- * the host has none: at once where the C library can tell, else a promise.
+ * again. Port 0 takes the kernel's choice on the first family and then tries
+ * that port on the next. Returns the port, or undefined when it is taken on
+ * any family or the host has none.
  */
-function bindEachFamily(
-  proto: Proto,
-  port: number,
-): number | undefined | Promise<number | undefined> {
-  const now = bindNow(proto, port);
-  return now !== null ? now : bindWithSockets(proto, port);
-}
-
-/** {@linkcode bindEachFamily} through the runtime's own sockets. */
-async function bindWithSockets(
+async function bindEachFamily(
   proto: Proto,
   port: number,
 ): Promise<number | undefined> {
   const hosts = (await (dualStack[proto] ??= detectDualStack(proto)))
-    ? DUAL
-    : WILDCARDS;
+    ? ["::"]
+    : ["::", "0.0.0.0"];
   let found = false;
   for (const hostname of hosts) {
     let socket: BoundSocket;
@@ -1947,162 +1424,106 @@ async function bindWithSockets(
   return found ? port : undefined;
 }
 
-/** Whether `port` is free, if the C library can tell at once; else undefined. */
-function freeNow(port: number): boolean | undefined {
-  const tcp = bindNow("tcp", port);
-  if (tcp === null) return undefined;
-  if (tcp === undefined) return false;
-  const udp = bindNow("udp", port);
-  return udp === null ? undefined : udp !== undefined;
-}
-
 async function isFree(port: number): Promise<boolean> {
-  return freeNow(port) ??
-    ((await bindWithSockets("tcp", port)) !== undefined &&
-      (await bindWithSockets("udp", port)) !== undefined);
+  return (await bindEachFamily("tcp", port)) !== undefined &&
+    (await bindEachFamily("udp", port)) !== undefined;
 }
 
 /**
- * Binds `port` on TCP and UDP on the wildcard address and keeps both bound:
- * IPv6 (dual-stack, so IPv4 too) where the host has it, else IPv4. With
- * `reusePort`, the TCP socket (and the UDP one on Node) sets SO_REUSEPORT,
- * and a second such bind proves that the caller's server can share it.
+ * Binds `port` on TCP and UDP and keeps both bound: on `::` (dual-stack, so
+ * IPv4 too) where the host has IPv6, else on `0.0.0.0`. With `reusePort`,
+ * the TCP socket (and the UDP one on Node) sets SO_REUSEPORT, and a second
+ * such bind proves that the caller's server can share it. Returns what
+ * releases the port, or undefined when it is taken.
  */
 async function holdPort(
   port: number,
   reusePort = false,
-): Promise<BoundSocket[] | undefined> {
+): Promise<Held["release"] | undefined> {
   const held: BoundSocket[] = [];
+  const release = async () =>
+    void await Promise.all(held.map((s) => s.close()));
   for (const proto of ["tcp", "udp"] as const) {
-    for (const hostname of WILDCARDS) {
+    for (const hostname of ["::", "0.0.0.0"]) {
+      // Set once the port is held: a failure then is the second bind's.
+      let sharing = false;
       try {
         held.push(await bindSocket(proto, hostname, port, reusePort));
+        sharing = reusePort && proto === "tcp";
+        if (sharing) {
+          await (await bindSocket(proto, hostname, port, true)).close();
+        }
+        break;
       } catch (error) {
         const kind = classify(error);
-        if (kind === "family") continue;
-        await Promise.all(held.map((s) => s.close()));
-        if (kind === "taken") return undefined;
-        if (reusePort && /unstable/i.test(String((error as Error).message))) {
-          throw reusePortError(port, error);
+        if (kind === "family" && !sharing) continue;
+        await release();
+        if (sharing || /unstable/.test(`${error}`)) {
+          const why = /unstable/.test(`${error}`)
+            ? "Deno needs --unstable-net for it"
+            : `this runtime or OS cannot share a port (SO_REUSEPORT): ${
+              describe(error)
+            }`;
+          throw new Error(
+            `Cannot reserve port ${port} with reusePort: ${why}`,
+            { cause: error },
+          );
         }
+        if (kind === "taken") return undefined;
         throw bindError(error, proto, hostname, port);
       }
-      if (reusePort && proto === "tcp") {
-        try {
-          await (await bindSocket(proto, hostname, port, true)).close();
-        } catch (error) {
-          await Promise.all(held.map((s) => s.close()));
-          throw reusePortError(port, error);
-        }
-      }
-      break;
     }
   }
-  return held;
+  return release;
 }
 
-function reusePortError(port: number, error: unknown): Error {
-  const { message } = (error ?? {}) as ErrorWithCode;
-  const why = /unstable/i.test(String(message))
-    ? "Deno needs --unstable-net for it"
-    : `this runtime or OS cannot share a port (SO_REUSEPORT): ${message}`;
-  return new Error(`Cannot reserve port ${port} with reusePort: ${why}`, {
-    cause: error,
-  });
-}
+// ===========================================================================
+// Argument checks: each written once; a bad value is named in the error.
 
-/**
- * Waits until something accepts TCP connections on `port` at one of
- * `hostnames`, polling with a back-off (10 ms, growing to 250 ms).
- */
-async function waitUntilAccepting(
-  port: number,
-  hostnames: readonly string[],
-  timeout: number,
-  signal: AbortSignal | undefined,
-): Promise<void> {
-  const deadline = Date.now() + timeout;
-  let pause = 10;
-  while (true) {
-    signal?.throwIfAborted();
-    try {
-      await Promise.any(hostnames.map((h) => connectTcp(h, port)));
-      return;
-    } catch { /* nothing accepts yet */ }
-    const left = deadline - Date.now();
-    if (left <= 0) {
-      throw new Error(
-        `Port ${port} did not accept connections on ${
-          hostnames.join(" or ")
-        } within ${timeout} ms`,
-      );
-    }
-    await new Promise<void>((resolve, reject) => {
-      const done = () => {
-        clearTimeout(timer);
-        signal?.removeEventListener("abort", aborted);
-      };
-      const aborted = () => {
-        done();
-        reject(signal!.reason);
-      };
-      const timer = setTimeout(() => {
-        done();
-        resolve();
-      }, Math.min(pause, left));
-      signal?.addEventListener("abort", aborted, { once: true });
-    });
-    pause = Math.min(pause * 1.5, 250);
-  }
+/** What a pid is: an integer from 1 to 2³¹−1. */
+function isPid(pid: unknown): pid is number {
+  return Number.isInteger(pid) && (pid as number) >= 1 &&
+    (pid as number) <= 0x7fffffff;
 }
-
-// Argument checks: a bad value is named in the error.
 
 function checkPort(port: unknown, what = "port"): number {
-  if (typeof port !== "number" || !Number.isInteger(port)) {
-    throw new TypeError(
-      `Invalid ${what} ${formatValue(port)}: expected an integer`,
-    );
+  if (!Number.isInteger(port)) {
+    throw new TypeError(`Invalid ${what} ${show(port)}: expected an integer`);
   }
-  if (port < 1 || port > 65535) {
+  if ((port as number) < 1 || (port as number) > 65535) {
     throw new RangeError(
       `Invalid ${what} ${port}: expected an integer from 1 to 65535`,
     );
   }
-  return port;
+  return port as number;
 }
 
-function checkPid(pid: unknown): number {
-  if (typeof pid !== "number" || !Number.isInteger(pid)) {
-    throw new TypeError(`Invalid pid ${formatValue(pid)}: expected an integer`);
-  }
-  if (pid < 1 || pid > MAX_PID) {
-    throw new RangeError(`Invalid pid ${pid}: expected a positive integer`);
-  }
-  return pid;
+/** A pid as given, checked; this process when none is given. */
+function pidOrOwn(pid: unknown): number {
+  if (pid === undefined) return ownPid();
+  if (isPid(pid)) return pid;
+  throw new (Number.isInteger(pid) ? RangeError : TypeError)(
+    `Invalid pid ${show(pid)}: expected an integer from 1 to 2147483647`,
+  );
 }
 
 function checkCount(count: unknown, max = Infinity): number {
-  if (typeof count !== "number" || !Number.isInteger(count)) {
-    throw new TypeError(
-      `Invalid count ${formatValue(count)}: expected an integer`,
-    );
+  if (!Number.isInteger(count)) {
+    throw new TypeError(`Invalid count ${show(count)}: expected an integer`);
   }
-  if (count < 1 || count > max) {
+  if ((count as number) < 1 || (count as number) > max) {
     throw new RangeError(
       `Invalid count ${count}: expected ${
         max === Infinity ? "at least 1" : `1 to ${max}`
       }`,
     );
   }
-  return count;
+  return count as number;
 }
 
 function checkRange(range: unknown): readonly [number, number] {
   if (!Array.isArray(range) || range.length !== 2) {
-    throw new TypeError(
-      `Invalid range ${formatValue(range)}: expected [first, last]`,
-    );
+    throw new TypeError(`Invalid range ${show(range)}: expected [first, last]`);
   }
   const [first, last] = range;
   checkPort(first, "range start");
@@ -2116,34 +1537,29 @@ function checkRange(range: unknown): readonly [number, number] {
 }
 
 function checkLabel(label: unknown): string {
-  if (!isLabel(label)) {
-    throw new TypeError(
-      `Invalid label ${
-        formatValue(label)
-      }: expected 1 to 100 printable characters without spaces`,
-    );
-  }
-  return label;
+  if (isLabel(label)) return label;
+  throw new TypeError(
+    `Invalid label ${
+      show(label)
+    }: expected 1 to 100 printable ASCII characters without spaces`,
+  );
 }
 
 function checkLockDir(dir: unknown): string {
-  if (typeof dir !== "string" || dir === "") {
-    throw new TypeError(
-      `Invalid lockDir ${formatValue(dir)}: expected a directory path`,
-    );
-  }
-  return dir;
+  if (typeof dir === "string" && dir !== "") return dir;
+  throw new TypeError(`Invalid lockDir ${show(dir)}: expected a directory`);
 }
 
 /** A port, or any iterable of ports (not a string), as a list. */
 function portList(value: unknown, what: string, single: boolean): number[] {
   if (value === undefined) return [];
   if (single && typeof value === "number") return [checkPort(value, what)];
-  const iterable = typeof value === "object" && value !== null &&
-    typeof (value as Iterable<unknown>)[Symbol.iterator] === "function";
-  if (!iterable) {
+  if (
+    typeof (value as Iterable<unknown>)?.[Symbol.iterator] !== "function" ||
+    typeof value === "string"
+  ) {
     throw new TypeError(
-      `Invalid ${what}s ${formatValue(value)}: expected ${
+      `Invalid ${what}s ${show(value)}: expected ${
         single ? "a port or " : ""
       }an iterable of ports`,
     );
@@ -2151,13 +1567,25 @@ function portList(value: unknown, what: string, single: boolean): number[] {
   return [...(value as Iterable<unknown>)].map((p) => checkPort(p, what));
 }
 
-function formatValue(value: unknown): string {
+/** A value as an error message shows it. */
+function show(value: unknown): string {
   if (typeof value === "string") return JSON.stringify(value);
-  if (Array.isArray(value)) return `[${value.map(formatValue).join(", ")}]`;
+  if (Array.isArray(value)) return `[${value.map(show).join(", ")}]`;
   if (typeof value === "object" && value !== null) {
     return value.constructor?.name ?? "object";
   }
   return String(value);
+}
+
+function sleep(ms: number, signal?: AbortSignal): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const aborted = () => (clearTimeout(timer), reject(signal!.reason));
+    const timer = setTimeout(() => {
+      signal?.removeEventListener("abort", aborted);
+      resolve();
+    }, Math.max(ms, 0));
+    signal?.addEventListener("abort", aborted, { once: true });
+  });
 }
 
 // ===========================================================================
@@ -2174,16 +1602,13 @@ const serverPorts = new Map<number, { address: string; pid: number }>();
 /** Per server address: whether it speaks the extended protocol. */
 const extendedServers = new Map<string, boolean>();
 
-/** Whether this process was given `port` and has not returned it. */
-function given(port: number): boolean {
-  return randomPorts.has(port) || ownedPorts.has(port);
-}
-
 /** A port picked by this call, maybe held bound until `release()`. */
 interface Held {
   port: number;
   release(): Promise<void>;
 }
+
+const NOTHING_HELD: Held["release"] = () => CLOSED;
 
 /** The options of one call, checked. */
 interface Plan {
@@ -2199,103 +1624,83 @@ interface Plan {
 }
 
 function plan(options: ReserveOptions | undefined): Plan {
+  if (options !== undefined && (typeof options !== "object" || !options)) {
+    throw new TypeError(`Invalid options ${show(options)}: expected an object`);
+  }
+  const o = options ?? {};
   if (
-    options !== undefined && (typeof options !== "object" || options === null)
+    o.portserverAddress !== undefined && typeof o.portserverAddress !== "string"
   ) {
     throw new TypeError(
-      `Invalid options ${formatValue(options)}: expected an object`,
+      `Invalid portserverAddress ${
+        show(o.portserverAddress)
+      }: expected a string`,
     );
   }
-  const opts = options ?? {};
-  const address = opts.portserverAddress;
-  if (address !== undefined && typeof address !== "string") {
+  if (o.reusePort !== undefined && typeof o.reusePort !== "boolean") {
     throw new TypeError(
-      `Invalid portserverAddress ${formatValue(address)}: expected a string`,
+      `Invalid reusePort ${show(o.reusePort)}: expected true or false`,
     );
   }
   return {
-    pid: opts.pid === undefined ? undefined : checkPid(opts.pid),
-    serverAddress: address || readEnv("PORTSERVER_ADDRESS") || undefined,
-    preferred: portList(opts.ports, "port", true),
-    range: opts.range === undefined ? DEFAULT_RANGE : checkRange(opts.range),
-    rangeGiven: opts.range !== undefined,
-    exclude: new Set(portList(opts.exclude, "excluded port", false)),
-    lockDir: opts.lockDir !== undefined
-      ? checkLockDir(opts.lockDir)
-      : readEnv("PORTPICKER_LOCK_DIR") || undefined,
-    label: opts.label === undefined ? undefined : checkLabel(opts.label),
-    reusePort: checkBoolean(opts.reusePort, "reusePort"),
+    pid: o.pid === undefined ? undefined : pidOrOwn(o.pid),
+    serverAddress: o.portserverAddress || readEnv("PORTSERVER_ADDRESS"),
+    preferred: portList(o.ports, "port", true),
+    range: o.range === undefined ? DEFAULT_RANGE : checkRange(o.range),
+    rangeGiven: o.range !== undefined,
+    exclude: new Set(portList(o.exclude, "excluded port", false)),
+    lockDir: o.lockDir !== undefined
+      ? checkLockDir(o.lockDir)
+      : readEnv("PORTPICKER_LOCK_DIR"),
+    label: o.label === undefined ? undefined : checkLabel(o.label),
+    reusePort: o.reusePort ?? false,
   };
 }
 
-function checkBoolean(value: unknown, what: string): boolean {
-  if (value === undefined) return false;
-  if (typeof value !== "boolean") {
-    throw new TypeError(
-      `Invalid ${what} ${formatValue(value)}: expected true or false`,
-    );
-  }
-  return value;
-}
-
+/** Whether `port` may be handed out by this call (ignoring what is given). */
 function allowed(port: number, p: Plan, taken: Set<number>): boolean {
-  if (p.exclude.has(port) || taken.has(port)) return false;
-  if (reservedPorts().has(port)) return false;
-  return !p.rangeGiven || (port >= p.range[0] && port <= p.range[1]);
+  return !p.exclude.has(port) && !taken.has(port) &&
+    !reservedPorts().has(port) &&
+    (!p.rangeGiven || (port >= p.range[0] && port <= p.range[1]));
 }
 
-const NOTHING_HELD: Held["release"] = () => CLOSED;
-
-/** What releases the sockets that hold a port. */
-function closing(sockets: BoundSocket[]): Held["release"] {
-  return async () => void await Promise.all(sockets.map((s) => s.close()));
+/** Whether this process was given `port` and has not returned it. */
+function given(port: number): boolean {
+  return randomPorts.has(port) || ownedPorts.has(port);
 }
 
-/** Holds a port that was checked elsewhere; if it cannot, hands it out unheld. */
-async function tryHold(port: number, hold: boolean, p?: Plan): Promise<Held> {
-  const sockets = hold ? await holdPort(port, p?.reusePort) : undefined;
-  return { port, release: sockets ? closing(sockets) : NOTHING_HELD };
-}
-
-/**
- * Checks that `port` is free and, when `hold`, keeps it bound. Undefined if
- * it is not free.
- */
-async function check(
-  port: number,
-  hold: boolean,
-  p?: Plan,
-): Promise<Held | undefined> {
-  if (!(await isFree(port))) return undefined;
-  if (!hold) return { port, release: NOTHING_HELD };
-  const sockets = await holdPort(port, p?.reusePort);
-  return sockets ? { port, release: closing(sockets) } : undefined;
+/** Hands out a port this process holds already (free set, server): unchecked. */
+async function handOut(port: number, hold: boolean, p: Plan): Promise<Held> {
+  const release = hold ? await holdPort(port, p.reusePort) : undefined;
+  return { port, release: release ?? NOTHING_HELD };
 }
 
 /**
- * Takes a port this process found free: claims it in the lock directory, if
- * any (another process may have it), and remembers it as given.
+ * Takes a port this process found itself, if it is free: held when `hold`,
+ * claimed in the lock directory (another process may have it), and
+ * remembered as given. Undefined when it is not free or claimed elsewhere.
  */
 async function take(
-  held: Held | undefined,
+  port: number,
+  hold: boolean,
   p: Plan,
+  checked = false,
 ): Promise<Held | undefined> {
-  if (!held) return undefined;
-  if (p.lockDir !== undefined && !claimPort(p.lockDir, held.port, p.pid)) {
-    await held.release();
+  if (!checked && !(await isFree(port))) return undefined;
+  const release = hold ? await holdPort(port, p.reusePort) : NOTHING_HELD;
+  if (!release) return undefined;
+  if (p.lockDir !== undefined && !claimPort(p.lockDir, port, p.pid)) {
+    await release();
     return undefined;
   }
-  randomPorts.add(held.port);
-  return held;
+  randomPorts.add(port);
+  return { port, release };
 }
 
 /** Gives back a port of a call that failed. */
 function giveBack(port: number, p: Plan): void {
   returnPort(port, p.lockDir ? { lockDir: p.lockDir, pid: p.pid } : {});
 }
-
-const UDP_FIRST = ["udp", "tcp"] as const;
-const TCP_FIRST = ["tcp", "udp"] as const;
 
 /** The one pick, in the Python order; `taken` holds this call's other ports. */
 async function pickOne(
@@ -2307,9 +1712,9 @@ async function pickOne(
     if (!allowed(port, p, taken) || given(port)) continue;
     if (freePorts.delete(port)) {
       ownedPorts.add(port);
-      return await tryHold(port, hold, p);
+      return await handOut(port, hold, p);
     }
-    const held = await take(await check(port, hold, p), p);
+    const held = await take(port, hold, p);
     if (held) return held;
   }
 
@@ -2317,12 +1722,12 @@ async function pickOne(
     if (!allowed(port, p, taken)) continue;
     freePorts.delete(port);
     ownedPorts.add(port);
-    return await tryHold(port, hold, p);
+    return await handOut(port, hold, p);
   }
 
   if (p.serverAddress) {
     const [port] = await fromServer(p, 1, taken);
-    if (port !== undefined) return await tryHold(port, hold, p);
+    if (port !== undefined) return await handOut(port, hold, p);
   }
 
   if (!p.rangeGiven) {
@@ -2330,19 +1735,13 @@ async function pickOne(
     // repeats the port just closed (which this process was just given), so
     // UDP first; every other try TCP first, for kernels where UDP repeats.
     for (let i = 0; i < 10; i++) {
-      const [first, second] = i % 2 === 0 ? UDP_FIRST : TCP_FIRST;
-      // Awaited only when it is a promise: most picks need no turn at all.
-      let port = bindEachFamily(first, 0);
-      if (port instanceof Promise) port = await port;
-      if (port === undefined) continue;
-      if (!allowed(port, p, taken) || given(port)) continue;
-      let again = bindEachFamily(second, port);
-      if (again instanceof Promise) again = await again;
-      if (again === undefined) continue;
-      const held = await take(
-        hold ? await check(port, true, p) : { port, release: NOTHING_HELD },
-        p,
-      );
+      const [first, second]: Proto[] = i % 2 ? ["tcp", "udp"] : ["udp", "tcp"];
+      const port = await bindEachFamily(first, 0);
+      if (port === undefined || !allowed(port, p, taken) || given(port)) {
+        continue;
+      }
+      if ((await bindEachFamily(second, port)) === undefined) continue;
+      const held = await take(port, hold, p, true);
       if (held) return held;
     }
   }
@@ -2360,7 +1759,7 @@ async function pickOne(
     candidates[i] = candidates[candidates.length - 1];
     candidates.pop();
     tried++;
-    const held = await take(await check(port, hold, p), p);
+    const held = await take(port, hold, p);
     if (held) return held;
   }
   throw new NoFreePortFoundError(p.range, tried);
@@ -2378,7 +1777,9 @@ async function bulkFromServer(p: Plan, count: number): Promise<number[]> {
 
 /**
  * Ports from the plan's server, all usable or none: ports that are excluded
- * or outside the range go back to the server, with a line on stderr.
+ * or outside the range go back to the server, with a line on stderr. No
+ * port, a bad reply or no server: as if no server had answered, and not
+ * asked again in this call (one line on stderr, not one a port).
  */
 async function fromServer(
   p: Plan,
@@ -2388,8 +1789,6 @@ async function fromServer(
   const address = p.serverAddress!;
   const pid = p.pid ?? ownPid();
   const ports = await takeFromServer(address, pid, count, p.label);
-  // No port, a bad reply or no server: as if no server had answered, and
-  // not asked again in this call (one line on stderr, not one a port).
   if (ports.length === 0) p.serverAddress = undefined;
   const unusable = ports.filter((port) => !allowed(port, p, taken));
   if (unusable.length === 0) return ports;
@@ -2411,34 +1810,43 @@ async function fromServer(
 
 // ===========================================================================
 // 6. Lock-directory claims: a file `<dir>/<port>.claim` holding the owner's
-// pid and start time, made exclusively. A claim whose owner died, or whose
-// pid now names another process, is stale and taken over.
+// pid and start time, made exclusively. A claim whose owner is not alive, or
+// whose pid now names another process, is stale and taken over. Anything
+// else at that name (garbage, a symlink, a FIFO, a large file) is stale once
+// it is older than a claim being written could be.
 
-/** Claims this process made for itself: port → claim file. */
+/** Claims this process made for itself: port → directory. */
 const claims = new Map<number, string>();
 let exitHookInstalled = false;
 /** A takeover lock older than this was left by a process that died in it. */
 const TAKEOVER_TIMEOUT_MS = 10_000;
 /** An unreadable claim younger than this may be a claim being written. */
 const GARBAGE_GRACE_MS = 10_000;
-
-function claimPath(dir: string, port: number): string {
-  return `${dir}/${port}.claim`;
-}
-
-/** The text of a claim for `pid`: its pid and start time. */
-function claimText(pid: number): string {
-  return `${pid} ${processStartTime(pid)}\n`;
-}
+/** The longest claim: two numbers, a space and a newline. */
+const CLAIM_BYTES = 64;
 
 /** Whether a claim is stale: its owner is gone, or it is old garbage. */
-function stale(path: string, text: string): boolean {
-  const match = /^(\d+) (\d+)\n$/.exec(text);
-  if (match) return processStartTime(Number(match[1])) !== Number(match[2]);
+function stale(path: string, text: string | null): boolean {
+  const match = /^(\d+) (\d+)\n$/.exec(text ?? "");
+  if (match) {
+    const startTime = processStartTime(Number(match[1]));
+    return startTime === 0 || startTime !== Number(match[2]);
+  }
   try {
     return files.age(path) > GARBAGE_GRACE_MS;
   } catch {
     return false;
+  }
+}
+
+/** Runs `f`; a file error names the file and says what was being done. */
+function onFile<T>(doing: string, path: string, f: () => T): T {
+  try {
+    return f();
+  } catch (error) {
+    throw new Error(`Cannot ${doing} ${path}: ${describe(error)}`, {
+      cause: error,
+    });
   }
 }
 
@@ -2449,55 +1857,77 @@ function stale(path: string, text: string): boolean {
  * lock, by renaming over it, so that a live claim is never lost.
  */
 function claimPort(dir: string, port: number, pid = ownPid()): boolean {
-  const path = claimPath(dir, port);
-  const mine = claimText(pid);
+  const startTime = processStartTime(pid);
+  if (startTime === 0) {
+    throw new Error(
+      `Cannot claim port ${port} for pid ${pid}: no such process`,
+    );
+  }
+  const path = `${dir}/${port}.claim`;
   const draft = `${dir}/.draft-${ownPid()}-${port}-${
     Math.random().toString(36).slice(2)
   }`;
   try {
-    files.create(draft, mine);
-  } catch (error) {
-    if (errorCode(error) !== "ENOENT") throw error;
-    files.mkdir(dir, true);
-    files.create(draft, mine);
-  }
-  try {
+    onFile("write the claim", draft, () => {
+      try {
+        files.create(draft, `${pid} ${startTime}\n`);
+      } catch (error) {
+        if (errorCode(error) !== "ENOENT") throw error;
+        files.mkdir(dir, true);
+        files.create(draft, `${pid} ${startTime}\n`);
+      }
+    });
     for (let attempt = 0; attempt < 3; attempt++) {
       try {
         files.link(draft, path);
-        return claimed(port, path, pid);
+        return claimed(port, dir, pid);
       } catch (error) {
-        if (errorCode(error) !== "EEXIST") throw error;
+        if (errorCode(error) !== "EEXIST") {
+          throw new Error(`Cannot claim ${path}: ${describe(error)}`);
+        }
       }
-      const seen = readTextOrUndefined(path);
+      const seen = onFile(
+        "read",
+        path,
+        () => files.readSmall(path, CLAIM_BYTES),
+      );
       if (seen === undefined) continue;
       if (!stale(path, seen)) return false;
       const lock = `${path}.takeover`;
       if (!lockTakeover(lock)) return false;
       try {
         // A second look under the lock: released or renewed meanwhile?
-        const again = readTextOrUndefined(path);
+        const again = files.readSmall(path, CLAIM_BYTES);
         if (again === undefined) continue;
         if (!stale(path, again)) return false;
         files.rename(draft, path);
-        return claimed(port, path, pid);
+        return claimed(port, dir, pid);
       } finally {
         files.remove(lock);
       }
     }
     return false;
   } finally {
-    files.remove(draft);
+    // On every path, a full disk's empty draft too.
+    try {
+      files.remove(draft);
+    } catch { /* the error that matters was thrown above */ }
   }
 }
 
 /** Records a claim; one for this process is removed at its exit. */
-function claimed(port: number, path: string, pid: number): true {
+function claimed(port: number, dir: string, pid: number): true {
   if (pid !== ownPid()) return true;
-  claims.set(port, path);
+  claims.set(port, dir);
   if (!exitHookInstalled) {
     exitHookInstalled = true;
-    atExit(releaseAllClaims);
+    atExit(() => {
+      for (const [port, dir] of claims) {
+        try {
+          removeClaim(dir, port, ownPid());
+        } catch { /* exiting: nothing to tell */ }
+      }
+    });
   }
   return true;
 }
@@ -2519,25 +1949,12 @@ function lockTakeover(lock: string): boolean {
   return false;
 }
 
-/** Removes this process's own claim on `port`, if it has one. */
-function releaseClaim(port: number): void {
-  const path = claims.get(port);
-  if (path === undefined) return;
-  claims.delete(port);
-  removeClaimOf(path.slice(0, path.lastIndexOf("/")), port, ownPid());
-}
-
 /** Removes the claim on `port` in `dir` if it names `pid`. */
-function removeClaimOf(dir: string, port: number, pid: number): void {
-  const path = claimPath(dir, port);
-  try {
-    const text = readTextOrUndefined(path);
-    if (text?.startsWith(`${pid} `)) files.remove(path);
-  } catch { /* not ours to remove */ }
-}
-
-function releaseAllClaims(): void {
-  for (const port of [...claims.keys()]) releaseClaim(port);
+function removeClaim(dir: string, port: number, pid: number): void {
+  const path = `${dir}/${port}.claim`;
+  const text = onFile("read", path, () => files.readSmall(path, CLAIM_BYTES));
+  if (!text?.startsWith(`${pid} `)) return;
+  onFile("remove", path, () => files.remove(path));
 }
 
 // ===========================================================================
@@ -2549,16 +1966,17 @@ const SERVER_TIMEOUT_MS = 10_000;
 function serverAddress(address: string | undefined): string {
   if (address !== undefined && typeof address !== "string") {
     throw new TypeError(
-      `Invalid port server address ${formatValue(address)}: expected a string`,
+      `Invalid portserverAddress ${show(address)}: expected a string`,
     );
   }
   const where = address || readEnv("PORTSERVER_ADDRESS");
-  if (!where) {
-    throw new Error(
-      "No port server: pass an address or set PORTSERVER_ADDRESS",
-    );
-  }
-  return where;
+  if (where) return where;
+  const env = granted({ name: "env", variable: "PORTSERVER_ADDRESS" })
+    ? ""
+    : " (Deno needs --allow-env to read it)";
+  throw new Error(
+    `No port server: pass an address or set PORTSERVER_ADDRESS${env}`,
+  );
 }
 
 /**
@@ -2571,9 +1989,7 @@ async function readLine(
   address: string,
 ): Promise<string | undefined> {
   const reader = new LineReader(limit);
-  while (true) {
-    const chunk = await connection.read();
-    if (chunk === null) break;
+  for (let chunk; (chunk = await connection.read()) !== null;) {
     let line: string | undefined;
     try {
       line = reader.push(chunk);
@@ -2586,10 +2002,11 @@ async function readLine(
     }
     if (line !== undefined) return line;
   }
-  if (reader.size === 0) return undefined;
+  const rest = reader.pending;
+  if (rest.length === 0) return undefined;
   throw new Error(
     `Bad reply from the port server at ${address}: ${
-      JSON.stringify(decoder.decode(reader.bytes()).slice(0, 60))
+      JSON.stringify(decoder.decode(rest).slice(0, 60))
     } has no newline`,
   );
 }
@@ -2616,39 +2033,47 @@ async function request(
   }
 }
 
-/** Runs `talk`; a connection error names the server it could not reach. */
-async function reach<T>(address: string, talk: () => Promise<T>): Promise<T> {
-  try {
-    return await talk();
-  } catch (error) {
-    if ((error as Error).message?.startsWith("Bad ")) throw error;
-    const { message } = (error ?? {}) as ErrorWithCode;
-    throw new Error(
-      `Cannot reach the port server at ${address}: ${message ?? error}`,
-      { cause: error },
-    );
+/** A connection error, naming the server as the user wrote it. */
+function reachError(error: unknown, address: string): Error {
+  if (/^(Bad |The port server|Cannot reach)/.test((error as Error)?.message)) {
+    return error as Error;
   }
+  // The runtimes name an abstract address with its NUL byte.
+  const why = describe(error).replaceAll("\0", "@");
+  return new Error(`Cannot reach the port server at ${address}: ${why}`, {
+    cause: error,
+  });
 }
 
-function socketErrorLine(error: unknown): string {
-  const { message } = ((error as Error)?.cause ?? error ?? {}) as ErrorWithCode;
-  return (error as Error)?.message?.startsWith("Bad ")
-    ? `${(error as Error).message}; picking without it`
-    : `Socket error when connecting to portserver: ${message ?? error}`;
+/** The one line the classic client prints when a server cannot help. */
+function serverErrorLine(error: unknown, address: string): string {
+  const { message } = reachError(error, address);
+  return message.startsWith("Bad ")
+    ? `${message}; picking without it`
+    : `Socket error when connecting to portserver: ${message}`;
 }
 
 /**
- * Sends an extended request. Returns the reply line, or undefined when the
- * server closed without one (the Python server).
+ * Sends an extended request and returns the reply line; a server that
+ * closes without one (the Python server) cannot do `what`.
  */
 async function extendedRequest(
   address: string,
   text: string,
   limit: number,
-): Promise<string | undefined> {
-  const line = await reach(address, () => request(address, text, limit));
+  what: string,
+): Promise<string> {
+  let line: string | undefined;
+  try {
+    line = await request(address, text, limit);
+  } catch (error) {
+    throw reachError(error, address);
+  }
   extendedServers.set(address, line !== undefined);
-  return line;
+  if (line !== undefined) return line;
+  throw new Error(
+    `The port server at ${address} ${what} (a Python portserver?)`,
+  );
 }
 
 /**
@@ -2663,62 +2088,36 @@ async function takeFromServer(
   count: number,
   label: string | undefined,
 ): Promise<number[]> {
+  const ports: number[] = [];
   if (extendedServers.get(address) !== false) {
-    let line: string | undefined;
-    let reply: PortsReply;
     try {
-      line = await extendedRequest(
+      const line = await extendedRequest(
         address,
-        formatRequest({ verb: "TAKE", pid, count, label }),
+        requestLine("TAKE", { pid, count, label }),
         PROTOCOL_LIMITS.reply,
+        "",
       );
-      if (line === undefined) return await takeClassic(address, pid, count);
-      reply = parseReply(line, count, address);
+      ports.push(...parsePorts(line, count, address, "refused"));
     } catch (error) {
-      console.error(socketErrorLine(error));
-      return [];
+      const { message } = error as Error;
+      if (extendedServers.get(address) !== false) {
+        console.error(
+          message.startsWith("The port server")
+            ? "Portserver failed to find a port."
+            : serverErrorLine(error, address),
+        );
+        return [];
+      }
     }
-    if (!reply.ok) {
-      console.error("Portserver failed to find a port.");
-      return [];
-    }
-    for (const port of reply.ports) {
+    for (const port of ports) {
       ownedPorts.add(port);
       serverPorts.set(port, { address, pid });
     }
-    return reply.ports;
   }
-  return await takeClassic(address, pid, count);
-}
-
-async function takeClassic(
-  address: string,
-  pid: number,
-  count: number,
-): Promise<number[]> {
-  const ports: number[] = [];
   while (ports.length < count) {
     const port = await getPortFromPortServer(address, { pid });
     if (port === undefined) break;
     ports.push(port);
   }
   return ports;
-}
-
-/** Tells the server a port came back; on the Python server, keeps it locally. */
-function returnToServer(port: number, address: string, pid: number): void {
-  returnPortsToServer(address, [port], { pid }).catch(() => {
-    // The Python server keeps the port for this process: reuse it here.
-    if (extendedServers.get(address) === false) freePorts.add(port);
-  });
-}
-
-function concat(chunks: Uint8Array[], size: number): Uint8Array {
-  const out = new Uint8Array(size);
-  let offset = 0;
-  for (const chunk of chunks) {
-    out.set(chunk, offset);
-    offset += chunk.length;
-  }
-  return out;
 }
