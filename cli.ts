@@ -406,10 +406,8 @@ async function serveCommand(args: string[]): Promise<number> {
     stopping.cancel();
     throw error;
   }
-  const stopSignal = await stopping;
-  console.error(`${NAME} serve: stopping on ${stopSignal}`);
+  console.error(`${NAME} serve: stopping on ${await stopping}`);
   await server.stop();
-  server.logStats();
   return 0;
 }
 

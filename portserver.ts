@@ -97,7 +97,8 @@ export interface PortServer {
   logStats(): void;
   /**
    * Stops listening, closes every connection (leases end), waits for the
-   * state file, removes the socket file.
+   * state file, removes the socket file, and logs the counters and
+   * `Goodbye.`, as the Python server does when it stops.
    */
   stop(): Promise<void>;
 }
@@ -1110,6 +1111,8 @@ class Server implements PortServer {
       await closing;
       await Promise.all(this.#running);
       await this.#state?.flush();
+      this.logStats();
+      this.#info("Goodbye.");
     })();
   }
 }
