@@ -1243,10 +1243,13 @@ function granted(descriptor: Deno.PermissionDescriptor): boolean {
  */
 function readEnv(name: string): string | undefined {
   if (!deno) return node!.env[name] || undefined;
-  return granted({ name: "env", variable: name })
+  // Asked once per variable: asking costs more than a pick.
+  return (envGranted[name] ??= granted({ name: "env", variable: name }))
     ? deno.env.get(name) || undefined
     : undefined;
 }
+
+const envGranted: Record<string, boolean> = {};
 
 function errorCode(error: unknown): string | undefined {
   return (error as { code?: string } | undefined)?.code;

@@ -11,7 +11,9 @@ import { join } from "node:path";
 import { isPortFree } from "../mod.ts";
 import {
   assertOneLineError,
+  assertSubcommandError,
   canBindWithPython,
+  cliCommandAllowing,
   COMPILE_ARGS,
   exitCodeOf,
   freeRange,
@@ -23,9 +25,9 @@ import {
   type Proc,
   ROOT,
   run,
-  runCli,
+  runCliAllowing,
   type RunResult,
-  runtimeCommand,
+  RUNTIME,
   sleep,
   start,
   startPythonPortserver,
@@ -36,6 +38,28 @@ import {
 
 const VERSION: string =
   JSON.parse(readFileSync(join(ROOT, "deno.json"), "utf8")).version;
+
+// The permissions a user gives Deno for each use of the CLI (Bun and Node
+// have none to give).
+/** Picking, and talking to a port server named by --portserver. */
+const NET = ["--allow-net"];
+/** The same with PORTSERVER_ADDRESS read from the environment. */
+const NET_ENV = ["--allow-net", "--allow-env"];
+/** hold_seconds: the CLI starts the process that holds the port. */
+const NET_RUN = ["--allow-net", "--allow-run"];
+/**
+ * A lock directory: a claim names its owner's start time, from
+ * /proc/<pid>/stat, which Deno 2 reads only with -A.
+ */
+const ALL = ["-A"];
+
+/** Runs the CLI with `args`, Deno with only the `--allow-net` that picking needs. */
+function runCli(
+  args: string[],
+  options: { env?: Record<string, string | undefined> } = {},
+): Promise<RunResult> {
+  return runCliAllowing(NET, args, options);
+}
 
 /** The ports printed one a line, checking the output's shape. */
 function printedPorts(result: RunResult, count: number): number[] {
@@ -159,7 +183,9 @@ test("the pid argument is told to the port server", async () => {
     // Any live process other than the test: the server itself.
     const pid = server.child.pid!;
     const [port] = printedPorts(
-      await runCli([String(pid)], { env: { PORTSERVER_ADDRESS: address } }),
+      await runCliAllowing(NET_ENV, [String(pid)], {
+        env: { PORTSERVER_ADDRESS: address },
+      }),
       1,
     );
     assert.ok(inRange(port, pool), `${port} not from the pool ${pool}`);
@@ -175,7 +201,9 @@ test("without a pid, the port server is told the parent's pid", async () => {
   const server = await startPythonPortserver(address, `${pool[0]}-${pool[1]}`);
   try {
     const [port] = printedPorts(
-      await runCli([], { env: { PORTSERVER_ADDRESS: address } }),
+      await runCliAllowing(NET_ENV, [], {
+        env: { PORTSERVER_ADDRESS: address },
+      }),
       1,
     );
     assert.ok(inRange(port, pool), `${port} not from the pool ${pool}`);
@@ -207,13 +235,15 @@ test("--portserver ADDRESS gets the port from that server's pool", async () => {
 });
 
 test("an empty PORTSERVER_ADDRESS asks no server and says nothing", async () => {
-  const result = await runCli([], { env: { PORTSERVER_ADDRESS: "" } });
+  const result = await runCliAllowing(NET_ENV, [], {
+    env: { PORTSERVER_ADDRESS: "" },
+  });
   printedPorts(result, 1);
   assert.equal(result.stderr, "");
 });
 
 test("with no server at PORTSERVER_ADDRESS, prints a port and the Python client's message", async () => {
-  const result = await runCli([], {
+  const result = await runCliAllowing(NET_ENV, [], {
     env: { PORTSERVER_ADDRESS: uniqueName("cli-nobody") },
   });
   printedPorts(result, 1);
@@ -222,6 +252,18 @@ test("with no server at PORTSERVER_ADDRESS, prints a port and the Python client'
     /^Socket error when connecting to portserver: [^\n]+\n$/,
   );
 });
+
+test(
+  "Deno without --allow-env does not read PORTSERVER_ADDRESS, and says nothing about it",
+  { skip: RUNTIME === "deno" ? false : "about Deno's permissions" },
+  async () => {
+    const result = await runCli([], {
+      env: { PORTSERVER_ADDRESS: uniqueName("cli-no-env") },
+    });
+    printedPorts(result, 1);
+    assert.equal(result.stderr, "");
+  },
+);
 
 test("-n 3 and --count 3 print 3 distinct ports", async () => {
   printedPorts(await runCli(["-n", "3"]), 3);
@@ -267,13 +309,65 @@ test('--json prints {"ports":[...]}', async () => {
   assert.notEqual(parsed.ports[0], parsed.ports[1]);
 });
 
-test("-h and --help print the usage, exit 0", async () => {
-  for (const flag of ["-h", "--help"]) {
-    const result = await runCli([flag]);
-    assert.equal(result.code, 0, result.stderr);
-    assert.match(result.stdout, /Usage:/);
-    assert.equal(result.stderr, "");
+/** Help printed on stdout, exit 0, nothing on stderr; returns the text. */
+function helpText(result: RunResult, args: string[]): string {
+  const what = JSON.stringify(args);
+  assert.equal(result.code, 0, `${what}: exit ${result.code} ${result.stderr}`);
+  assert.equal(result.stderr, "", what);
+  return result.stdout;
+}
+
+const COMMANDS = ["serve", "status", "return", "wait"];
+
+test("-h, --help and `portpicker help` print the usage naming every command, exit 0", async () => {
+  const argsList = [["-h"], ["--help"], ["help"]];
+  const texts = (await Promise.all(argsList.map((args) => runCli(args))))
+    .map((result, i) => helpText(result, argsList[i]));
+  assert.match(
+    texts[0],
+    /^Usage: portpicker \[options\] \[pid\] \[hold_seconds\]\n/,
+  );
+  for (const command of [...COMMANDS, "help"]) {
+    assert.match(texts[0], new RegExp(`^ +portpicker ${command} `, "m"));
   }
+  assert.equal(texts[1], texts[0]);
+  assert.equal(texts[2], texts[0]);
+});
+
+test("`portpicker help COMMAND`, `COMMAND --help` and `COMMAND -h` print that command's help, exit 0, for serve, status, return and wait", async () => {
+  const usage = helpText(await runCli(["--help"]), ["--help"]);
+  for (const command of COMMANDS) {
+    const argsList = [["help", command], [command, "--help"], [command, "-h"]];
+    const texts = (await Promise.all(argsList.map((args) => runCli(args))))
+      .map((result, i) => helpText(result, argsList[i]));
+    assert.match(texts[0], new RegExp(`^Usage: portpicker ${command} `));
+    assert.match(texts[0], /^ {2}-h, --help {2,}print this help$/m);
+    assert.notEqual(texts[0], usage);
+    assert.equal(texts[1], texts[0], `${command} --help`);
+    assert.equal(texts[2], texts[0], `${command} -h`);
+  }
+});
+
+test("--help wins over the other arguments: `serve --help` serves nothing, `wait PORT --help` waits for nothing", async () => {
+  const serve = await runCli([
+    "serve",
+    "--address",
+    uniqueName("help"),
+    "--help",
+  ]);
+  assert.match(
+    helpText(serve, ["serve", "--help"]),
+    /^Usage: portpicker serve /,
+  );
+  // Nothing listens on port 1: a wait would fail after its timeout.
+  const wait = await runCli(["wait", "1", "--timeout", "30", "--help"]);
+  assert.match(helpText(wait, ["wait", "--help"]), /^Usage: portpicker wait /);
+});
+
+test("`portpicker help nope` is a usage error naming the command, exit 2", async () => {
+  const result = await runCli(["help", "nope"]);
+  assertUsageError(result, ["help", "nope"]);
+  assert.match(result.stderr, /no such command "nope"/);
 });
 
 test("-V and --version print the version of deno.json, exit 0", async () => {
@@ -300,13 +394,80 @@ const USAGE_ERRORS: string[][] = [
   ["--count", "0"],
   ["-n", "x"],
   ["-n"],
+  ["-p", "x"],
+  ["--port", "0"],
+  ["--port", "20000,70000"],
   ["--nope"],
   ["--portserver", ""],
+  ["--lock-dir", ""],
+  ["--json=yes"],
 ];
 
 test("each usage error exits 2 with one line on stderr", async () => {
   const results = await Promise.all(USAGE_ERRORS.map((args) => runCli(args)));
   USAGE_ERRORS.forEach((args, i) => assertUsageError(results[i], args));
+});
+
+/** Subcommands' usage errors: `portpicker COMMAND: ...`, exit 2. */
+const SUBCOMMAND_USAGE_ERRORS: string[][] = [
+  ["serve", "--nope"],
+  ["serve", "--mode", "999"],
+  ["serve", "--address="],
+  ["serve", "--timeout", "0"],
+  ["status", "extra"],
+  ["status", "--portserver="],
+  ["return"],
+  ["return", "abc", "--portserver", "@nobody"],
+  ["return", "80", "--pid", "0", "--portserver", "@nobody"],
+  ["wait"],
+  ["wait", "0"],
+  ["wait", "80", "81"],
+  ["wait", "80", "--timeout", "x"],
+];
+
+test("each subcommand's usage error exits 2 with one line `portpicker COMMAND: ...`", async () => {
+  const results = await Promise.all(
+    SUBCOMMAND_USAGE_ERRORS.map((args) => runCli(args)),
+  );
+  SUBCOMMAND_USAGE_ERRORS.forEach((args, i) => {
+    assertSubcommandError(results[i], 2, args[0], JSON.stringify(args));
+    assert.match(results[i].stderr, / \(see --help\)\n$/);
+  });
+});
+
+test("-n -3 says, in one line of its own words, that --count needs a value, exit 2", async () => {
+  for (const args of [["-n", "-3"], ["--count", "-3"]]) {
+    const result = await runCli(args);
+    assertUsageError(result, args);
+    assert.equal(
+      result.stderr,
+      "portpicker: option --count needs a value (a value that starts with - goes as --count=VALUE) (see --help)\n",
+    );
+  }
+});
+
+test("-p A,B prefers A, then B, in the order given, when free; else another port", async () => {
+  const [a, b] = await freeRange(2);
+  assert.deepEqual(printedPorts(await runCli(["-p", `${a},${b}`]), 1), [a]);
+  assert.deepEqual(
+    printedPorts(await runCli(["--port", `${b},${a}`, "-n", "2"]), 2),
+    [b, a],
+  );
+  // More ports than preferred: the preferred first, then any.
+  const [first, other] = printedPorts(
+    await runCli(["-p", `${a}`, "-n", "2"]),
+    2,
+  );
+  assert.equal(first, a);
+  assert.ok(other !== a && other !== b, `${other}`);
+  const holder = await holdWithPython("dual", a);
+  try {
+    assert.deepEqual(printedPorts(await runCli(["-p", `${a},${b}`]), 1), [b]);
+    const [port] = printedPorts(await runCli(["-p", `${a}`]), 1);
+    assert.notEqual(port, a, "a port in use was printed");
+  } finally {
+    await holder.release();
+  }
 });
 
 test("no free port exits 1 with one line naming the range", async () => {
@@ -331,18 +492,18 @@ test("-n 2 in a range of 1 free port says the range has fewer free ports than as
   assert.equal(result.stdout, "");
   assert.equal(
     result.stderr,
-    `portpicker: Not enough free ports in ${port}-${port}: asked for 2, found 1 of its 1 ports\n`,
+    `portpicker: Not enough free ports in ${port}-${port}: asked for 2, found 1\n`,
   );
 });
 
 test("hold_seconds: returns at once, the port listens meanwhile, then is free", async () => {
-  await checkHold(runtimeCommand("cli.ts"), 2);
+  await checkHold(cliCommandAllowing(NET_RUN), 2);
 });
 
 test("hold_seconds works with PORTPICKER_LOCK_DIR set", async () => {
   const dir = tempDir();
   try {
-    const result = await runCli([String(process.pid), "600"], {
+    const result = await runCliAllowing(ALL, [String(process.pid), "600"], {
       env: { PORTPICKER_LOCK_DIR: dir.path },
     });
     const [port] = printedPorts(result, 1);
@@ -358,7 +519,7 @@ test("hold_seconds works with PORTPICKER_LOCK_DIR set", async () => {
 
 test("$(portpicker $$ 10) does not wait for the holding process", async () => {
   const quote = (s: string) => `'${s.replaceAll("'", `'\\''`)}'`;
-  const cli = runtimeCommand("cli.ts").map(quote).join(" ");
+  const cli = cliCommandAllowing(NET_RUN).map(quote).join(" ");
   const result = await run(
     ["bash", "-c", `p=$(${cli} "$$" 10); echo "got $p"`],
     { env: { PORTSERVER_ADDRESS: undefined }, timeoutMs: 60_000 },

@@ -25,7 +25,6 @@ import {
   pickUnusedPorts,
   type PortServerStatus,
   processStartTime,
-  reservedPorts,
   returnPort,
   returnPortsToServer,
 } from "../mod.ts";
@@ -38,13 +37,20 @@ import {
 } from "./server_helpers.ts";
 import {
   assertOneLineError,
+  assertSubcommandError,
+  cliCommandAllowing,
   exitCodeOf,
   killHolder,
   MOD_URL,
+  privateNetwork,
   type Proc,
+  run,
   runCli,
+  runCliAllowing,
   RUNTIME,
+  runtimeCommand,
   scriptCommand,
+  scriptCommandAllowing,
   sleep,
   start,
   startPythonPortserver,
@@ -66,6 +72,15 @@ const ONCE = {
     : "drives Deno, Bun and Node itself: run once, from Deno's suite",
 };
 const ISO_TIME = /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/;
+
+// The permissions a user gives Deno (Bun and Node have none to give). A lock
+// directory needs -A: a claim names its owner's start time, from
+// /proc/<pid>/stat, which Deno 2 reads only with -A. So does the server,
+// which reads the start times of the processes it serves.
+/** Picking, and talking to a port server named by --portserver. */
+const NET = ["--allow-net"];
+/** The same with PORTSERVER_ADDRESS read from the environment. */
+const NET_ENV = ["--allow-net", "--allow-env"];
 
 // ---------------------------------------------------------------------------
 // Helpers of this file.
@@ -196,7 +211,10 @@ function claimFiles(dir: string): Map<number, string> {
   return out;
 }
 
-/** How a child script runs on one of the three runtimes. */
+/**
+ * How a child script runs on one of the three runtimes; Deno with -A, which
+ * lock directories need there (see {@linkcode NET}).
+ */
 function commandOn(runtime: "deno" | "bun" | "node", path: string): string[] {
   return runtime === "deno"
     ? [tool("deno"), "run", "-A", "--no-config", "--unstable-net", path]
@@ -500,6 +518,7 @@ test("lock directory: CLI --lock-dir skips a port claimed by a live process; its
     const claim = join(dir.path, `${port}.claim`);
     writeFileSync(claim, `1 ${processStartTime(1)}\n`);
     const args = ["--lock-dir", dir.path, "--range", `${port}-${port}`];
+    // On Deno, -A: what a lock directory needs there.
     const refused = await runCli(args);
     assertOneLineError(refused, 1, "a claimed port");
     assert.ok(refused.stderr.includes(`${port}-${port}`), refused.stderr);
@@ -523,6 +542,26 @@ test("lock directory: CLI --lock-dir skips a port claimed by a live process; its
     dir.remove();
   }
 });
+
+test(
+  "lock directory on Deno: without -A, the CLI says in one line that it needs --allow-all, exit 1, and claims nothing",
+  { skip: RUNTIME === "deno" ? false : "about Deno's permissions" },
+  async () => {
+    const [port] = await randomPool(1);
+    const dir = tempDir();
+    try {
+      const result = await runCliAllowing(
+        ["--allow-net", "--allow-read", "--allow-write"],
+        ["--lock-dir", dir.path, "--range", `${port}-${port}`],
+      );
+      assertOneLineError(result, 1, "--lock-dir without -A");
+      assert.match(result.stderr, /--allow-all/);
+      assert.deepEqual(readdirSync(dir.path), [], "a claim was left");
+    } finally {
+      dir.remove();
+    }
+  },
+);
 
 test("lock directory: hold_seconds still holds the port with PORTPICKER_LOCK_DIR set", async () => {
   const [port] = await randomPool(1);
@@ -554,21 +593,117 @@ test("lock directory: hold_seconds still holds the port with PORTPICKER_LOCK_DIR
 // ---------------------------------------------------------------------------
 // 2. Reserved ports and the ephemeral range.
 
-test("reservedPorts() is exactly what ip_local_reserved_ports lists", () => {
-  const text = readFileSync(
-    "/proc/sys/net/ipv4/ip_local_reserved_ports",
-    "utf8",
-  );
-  const expected = new Set<number>();
-  for (const part of text.trim().split(",").filter((p) => p.trim())) {
-    const match = /^(\d+)(?:-(\d+))?$/.exec(part.trim());
-    assert.ok(match, `cannot parse ${JSON.stringify(part)}`);
-    for (let p = Number(match[1]); p <= Number(match[2] ?? match[1]); p++) {
-      expected.add(p);
-    }
-  }
-  assert.deepEqual(new Set(reservedPorts()), expected);
+/** Reserved in the private network namespace of the test below. */
+const RESERVED = "20000-20002,20004,20006-20007";
+/** Around them: 20003 and 20005 are the only ports left. */
+const AROUND_RESERVED: [number, number] = [20000, 20007];
+
+/** What the library does in that namespace, as one line of JSON. */
+const RESERVED_CHILD = `
+import {
+  NoFreePortFoundError,
+  pickUnusedPort,
+  pickUnusedPorts,
+  reservedPorts,
+} from ${JSON.stringify(MOD_URL)};
+const range = ${JSON.stringify(AROUND_RESERVED)};
+const reserved = [...reservedPorts()].sort((a, b) => a - b);
+// Preferred ports that are reserved are passed over, in the order given.
+const preferred = await pickUnusedPort({
+  ports: [20000, 20001, 20002, 20004, 20006, 20007, 20005],
+  range,
 });
+const rest = await pickUnusedPorts(1, { range });
+let after;
+try {
+  after = await pickUnusedPort({ range });
+} catch (error) {
+  after = error instanceof NoFreePortFoundError ? "none" : String(error);
+}
+console.log(JSON.stringify({ reserved, preferred, rest, after }));
+`;
+
+test(
+  `reserved ports: with ip_local_reserved_ports ${RESERVED} (in a private network namespace), reservedPorts() lists them, and the library, the CLI and the server hand out only 20003 and 20005 of ${
+    poolSpec(AROUND_RESERVED)
+  }`,
+  async () => {
+    const ns = await privateNetwork(RESERVED);
+    const dir = tempDir();
+    const env = {
+      PORTSERVER_ADDRESS: undefined,
+      PORTPICKER_LOCK_DIR: undefined,
+    };
+    let server: Proc | undefined;
+    try {
+      // The namespace's file, not the host's, was written.
+      assert.notEqual(
+        readFileSync("/proc/sys/net/ipv4/ip_local_reserved_ports", "utf8")
+          .trim(),
+        RESERVED,
+      );
+      const script = join(dir.path, "reserved.mts");
+      writeFileSync(script, RESERVED_CHILD);
+      // Deno 2 reads /proc (ip_local_reserved_ports) only with -A: without
+      // it, reservedPorts() is empty there.
+      const library = await run([...ns.enter, ...scriptCommand(script)], {
+        env,
+      });
+      assert.equal(library.code, 0, library.stderr);
+      assert.deepEqual(JSON.parse(library.stdout), {
+        reserved: [20000, 20001, 20002, 20004, 20006, 20007],
+        preferred: 20005,
+        rest: [20003],
+        after: "none",
+      });
+
+      const spec = poolSpec(AROUND_RESERVED);
+      const cli = [...ns.enter, ...runtimeCommand("cli.ts")];
+      const picked = await run([...cli, "--range", spec, "-n", "2"], { env });
+      assert.equal(picked.code, 0, picked.stderr);
+      assert.deepEqual(
+        picked.stdout.trim().split("\n").map(Number).sort(),
+        [20003, 20005],
+      );
+      const three = await run([...cli, "--range", spec, "-n", "3"], { env });
+      assertOneLineError(three, 1, "3 ports of 2 unreserved");
+      assert.match(three.stderr, /asked for 3, found 2/);
+
+      const address = uniqueName("ext-reserved");
+      server = start(
+        [...cli, "serve", "--pool", spec, "--address", address],
+        env,
+      );
+      await server.waitFor(/Serving on/, 30_000);
+      const client = [...ns.enter, ...cliCommandAllowing(["--allow-net"])];
+      const status = async () => {
+        const result = await run(
+          [...client, "status", "--json", "--portserver", address],
+          { env },
+        );
+        assert.equal(result.code, 0, result.stderr);
+        return JSON.parse(result.stdout) as PortServerStatus;
+      };
+      assert.equal((await status()).pool, 2, "reserved ports in the pool");
+      const taken = await run(
+        [...client, "-n", "2", "--portserver", address],
+        { env },
+      );
+      assert.equal(taken.code, 0, taken.stderr);
+      assert.deepEqual(
+        taken.stdout.trim().split("\n").map(Number).sort(),
+        [20003, 20005],
+      );
+      const after = await status();
+      assert.equal(after.allocated, 2);
+      assert.deepEqual(after.allocations.map((a) => a.port), [20003, 20005]);
+    } finally {
+      await server?.stop();
+      await ns.close();
+      dir.remove();
+    }
+  },
+);
 
 test("the server warns at start when its pool overlaps ip_local_port_range, and not otherwise", async () => {
   const [low, high] = readFileSync(
@@ -1066,13 +1201,17 @@ test("Python server: leasePorts, getPortServerStatus and returnPortsToServer thr
       returnPortsToServer(address, [pool[0]]),
       /Python portserver/,
     );
-    const result = await runCli(["status", "--portserver", address]);
-    assertOneLineError(result, 1, "status on the Python server");
+    const result = await runCliAllowing(NET, [
+      "status",
+      "--portserver",
+      address,
+    ]);
+    assertSubcommandError(result, 1, "status", "status on the Python server");
     assert.match(result.stderr, /Python portserver/);
     // The Python server still serves, the CLI too (the label is lost there).
     const port = await pickUnusedPort({ portserverAddress: address });
     assertInPool([port], pool);
-    const cli = await runCli(["-n", "2", "--label", "web"], {
+    const cli = await runCliAllowing(NET_ENV, ["-n", "2", "--label", "web"], {
       env: { PORTSERVER_ADDRESS: address },
     });
     assert.equal(cli.code, 0, cli.stderr);
@@ -1099,14 +1238,18 @@ test("CLI: -n 3 --label web, status (table and --json), return", async () => {
   ]);
   const env = { PORTSERVER_ADDRESS: address };
   try {
-    const picked = await runCli(["-n", "3", "--label", "web"], { env });
+    const picked = await runCliAllowing(
+      NET_ENV,
+      ["-n", "3", "--label", "web"],
+      { env },
+    );
     assert.equal(picked.code, 0, picked.stderr);
     assert.match(picked.stdout, /^(\d+\n){3}$/);
     const ports = picked.stdout.trim().split("\n").map(Number);
     assertDistinct(ports, 3);
     assertInPool(ports, pool);
 
-    const table = await runCli(["status"], { env });
+    const table = await runCliAllowing(NET_ENV, ["status"], { env });
     assert.equal(table.code, 0, table.stderr);
     const lines = table.stdout.trimEnd().split("\n");
     assert.equal(lines[0], `3 of 10 ports held on ${address}`);
@@ -1122,7 +1265,7 @@ test("CLI: -n 3 --label web, status (table and --json), return", async () => {
     });
     assert.deepEqual(rows, [...ports].sort());
 
-    const json = await runCli(["status", "--json"], { env });
+    const json = await runCliAllowing(NET_ENV, ["status", "--json"], { env });
     assert.equal(json.code, 0, json.stderr);
     assert.match(json.stdout, /^\{[^\n]*\}\n$/);
     const status = JSON.parse(json.stdout) as PortServerStatus;
@@ -1136,7 +1279,11 @@ test("CLI: -n 3 --label web, status (table and --json), return", async () => {
       assert.equal(a.lease, false);
     }
 
-    const returned = await runCli(["return", String(ports[0])], { env });
+    const returned = await runCliAllowing(
+      NET_ENV,
+      ["return", String(ports[0])],
+      { env },
+    );
     assert.equal(returned.code, 0, returned.stderr);
     assert.equal(returned.stdout, "");
     assert.equal((await held(address)).has(ports[0]), false);
@@ -1145,7 +1292,7 @@ test("CLI: -n 3 --label web, status (table and --json), return", async () => {
     // A lease shows as "lease" in the PID column.
     const lease = await leasePorts(1, { portserverAddress: address });
     try {
-      const withLease = await runCli(["status"], { env });
+      const withLease = await runCliAllowing(NET_ENV, ["status"], { env });
       assert.equal(withLease.code, 0, withLease.stderr);
       assert.match(
         withLease.stdout,
@@ -1156,8 +1303,10 @@ test("CLI: -n 3 --label web, status (table and --json), return", async () => {
       await lease.release();
     }
 
-    const again = await runCli(["return", String(ports[0])], { env });
-    assertOneLineError(again, 1, "return of a port not held");
+    const again = await runCliAllowing(NET_ENV, ["return", String(ports[0])], {
+      env,
+    });
+    assertSubcommandError(again, 1, "return", "return of a port not held");
     assert.match(again.stderr, /not held by pid/);
   } finally {
     await server.stop();
@@ -1177,7 +1326,11 @@ test("status: ports of a holder that died are marked (alive false, reclaimable),
     for (const a of status.allocations) {
       assert.deepEqual([a.pid, a.alive, a.label], [pid, false, "gone"]);
     }
-    const table = await runCli(["status", "--portserver", address]);
+    const table = await runCliAllowing(NET, [
+      "status",
+      "--portserver",
+      address,
+    ]);
     assert.equal(table.code, 0, table.stderr);
     const lines = table.stdout.trimEnd().split("\n");
     assert.equal(
@@ -1196,19 +1349,25 @@ test("status: ports of a holder that died are marked (alive false, reclaimable),
   });
 });
 
-test("CLI: return with no port, status with no server, and bad --label are usage errors (exit 2, one line)", async () => {
+test("CLI: return with no port, status or return with no server, and bad --label are usage errors (exit 2, one line naming the command)", async () => {
   await withServer({ size: 2, name: "ext-cli-usage" }, async ({ address }) => {
-    const cases: [string[], Record<string, string | undefined>][] = [
-      [["return"], { PORTSERVER_ADDRESS: address }],
-      [["status"], {}],
-      [["return", "20000"], {}],
-      [["--label", "a b"], { PORTSERVER_ADDRESS: address }],
-      [["--label", ""], { PORTSERVER_ADDRESS: address }],
-      [["--label", "x".repeat(101)], { PORTSERVER_ADDRESS: address }],
-      [["--label", "caf\u00e9"], { PORTSERVER_ADDRESS: address }],
+    const server = { PORTSERVER_ADDRESS: address };
+    // [arguments, environment, what the line says]
+    const cases: [string[], Record<string, string | undefined>, RegExp][] = [
+      [["return"], server, /needs at least one PORT/],
+      [["status"], {}, /PORTSERVER_ADDRESS/],
+      [["return", "20000"], {}, /PORTSERVER_ADDRESS/],
+      [["--label", "a b"], server, /^portpicker: Invalid label "a b"/],
+      [["--label", ""], server, /^portpicker: Invalid label ""/],
+      [["--label", "x".repeat(101)], server, /^portpicker: Invalid label "x/],
+      [["--label", "caf\u00e9"], server, /^portpicker: Invalid label "caf/],
     ];
-    for (const [args, env] of cases) {
-      assertOneLineError(await runCli(args, { env }), 2, JSON.stringify(args));
+    for (const [args, env, says] of cases) {
+      const result = await runCliAllowing(NET_ENV, args, { env });
+      const what = JSON.stringify(args);
+      if (args[0].startsWith("-")) assertOneLineError(result, 2, what);
+      else assertSubcommandError(result, 2, args[0], what);
+      assert.match(result.stderr, says, what);
     }
     assert.equal((await getPortServerStatus(address)).allocated, 0);
   });

@@ -6,7 +6,9 @@
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
+import { writeFileSync } from "node:fs";
 import { createServer } from "node:http";
+import { join } from "node:path";
 import {
   pickUnusedPort,
   reservePort,
@@ -14,14 +16,17 @@ import {
   waitForPort,
 } from "../mod.ts";
 import {
-  assertOneLineError,
+  assertSubcommandError,
   canBindWithPython,
   type HoldKind,
+  MOD_URL,
   PYTHON,
+  run,
   runCli,
   runScript,
   RUNTIME,
   start,
+  tempDir,
 } from "./helpers.ts";
 
 // deno-lint-ignore no-explicit-any
@@ -193,7 +198,7 @@ test("portpicker wait PORT: exit 0 once a late listener appears, 1 with one line
   try {
     const waiting = runCli(["wait", String(port), "--timeout", "60"]);
     const timedOut = await runCli(["wait", String(port), "--timeout", "0.05"]);
-    assertOneLineError(timedOut, 1, "a timeout");
+    assertSubcommandError(timedOut, 1, "wait", "a timeout");
     assert.match(timedOut.stderr, new RegExp(`Port ${port} did not accept`));
     late.listen();
     const result = await waiting;
@@ -213,7 +218,61 @@ test("portpicker wait PORT: exit 0 once a late listener appears, 1 with one line
       ["wait", "80", "--host", ""],
     ]
   ) {
-    assertOneLineError(await runCli(args), 2, args.join(" "));
+    assertSubcommandError(await runCli(args), 2, "wait", args.join(" "));
   }
   returnPort(port);
 });
+
+test("waitForPort gives up at once, in one line, on a host that cannot be resolved", async () => {
+  const port = await pickUnusedPort();
+  // A bound only in case it waits on: far longer than a failed lookup takes.
+  const signal = AbortSignal.timeout(60_000);
+  // RFC 6761: .invalid never resolves. The second is no host name at all.
+  for (const hostname of ["no-such-host.invalid", "bad..host"]) {
+    await assert.rejects(
+      () => waitForPort(port, { hostname, timeout: 600_000, signal }),
+      (error: Error) => {
+        assert.match(
+          error.message,
+          new RegExp(`^Cannot wait for port ${port} on ${hostname}: [^\\n]+$`),
+          `${hostname}: ${error}`,
+        );
+        return true;
+      },
+    );
+  }
+  returnPort(port);
+});
+
+test(
+  "waitForPort on Deno without --allow-net gives up at once, naming the flag",
+  { skip: RUNTIME !== "deno" ? "about Deno's permissions only" : false },
+  async () => {
+    const dir = tempDir();
+    try {
+      const path = join(dir.path, "wait-no-net.mts");
+      writeFileSync(
+        path,
+        `import { waitForPort } from ${JSON.stringify(MOD_URL)};
+try {
+  await waitForPort(27001, { timeout: 600_000 });
+  console.log("resolved");
+} catch (error) {
+  console.log(error.message);
+}
+`,
+      );
+      const result = await run(
+        [g.Deno.execPath(), "run", "--no-config", "--no-prompt", path],
+        { env: { NO_COLOR: "1" }, timeoutMs: 60_000 },
+      );
+      assert.equal(result.code, 0, `exit ${result.code}: ${result.stderr}`);
+      assert.match(
+        result.stdout,
+        /^Cannot wait for port 27001 on 127\.0\.0\.1 or ::1: [^\n]*--allow-net[^\n]*\n$/,
+      );
+    } finally {
+      dir.remove();
+    }
+  },
+);

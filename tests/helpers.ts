@@ -624,3 +624,132 @@ export const HOLD_KINDS: readonly HoldKind[] = [
   "udp6only",
   "dual",
 ];
+
+/**
+ * Resolves once `check()` is true, checking again on each turn of the event
+ * loop: for a state that no event announces (a socket closed in the
+ * background, say). Fails naming `what` after `timeoutMs`, a bound meant
+ * only for a state that never comes.
+ */
+export async function waitUntil(
+  check: () => boolean | Promise<boolean>,
+  what: string,
+  timeoutMs = 15_000,
+): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await check())) {
+    if (Date.now() > deadline) {
+      throw new Error(`timed out after ${timeoutMs} ms waiting until ${what}`);
+    }
+    await new Promise((resolve) => setTimeout(resolve, 0));
+  }
+}
+
+/**
+ * Like {@linkcode assertOneLineError}, for a subcommand's error: one line
+ * starting `portpicker COMMAND: `.
+ */
+export function assertSubcommandError(
+  result: RunResult,
+  code: number,
+  command: string,
+  what: string,
+): void {
+  assert.equal(
+    result.code,
+    code,
+    `${what}: exit ${result.code} ${result.stderr}`,
+  );
+  assert.equal(result.stdout, "", what);
+  assert.match(
+    result.stderr,
+    new RegExp(`^portpicker ${command}: [^\\n]+\\n$`),
+    `${what}: ${result.stderr}`,
+  );
+  assert.doesNotMatch(result.stderr, /^\s+at /m, what);
+}
+
+/**
+ * As {@linkcode scriptCommand}, but Deno gets only `denoFlags` (such as
+ * `--allow-net`) where scriptCommand gives `-A`: the permissions a user
+ * would give. Bun and Node have no permissions: there the flags are unused.
+ */
+export function scriptCommandAllowing(
+  denoFlags: readonly string[],
+  path: string,
+): string[] {
+  if (RUNTIME !== "deno") return [process.execPath, path];
+  const flags = process.env.PORTPICKER_TEST_NO_UNSTABLE
+    ? ["--deny-ffi"]
+    : ["--unstable-net"];
+  return [
+    g.Deno.execPath(),
+    "run",
+    ...denoFlags,
+    "--no-prompt",
+    "--no-config",
+    ...flags,
+    path,
+  ];
+}
+
+/** This repo's CLI with only `denoFlags` on Deno (see {@linkcode scriptCommandAllowing}). */
+export function cliCommandAllowing(denoFlags: readonly string[]): string[] {
+  return scriptCommandAllowing(denoFlags, join(ROOT, "cli.ts"));
+}
+
+/** As {@linkcode runCli}, with only `denoFlags` on Deno instead of `-A`. */
+export function runCliAllowing(
+  denoFlags: readonly string[],
+  args: string[],
+  options: { env?: Record<string, string | undefined>; timeoutMs?: number } =
+    {},
+): Promise<RunResult> {
+  return run([...cliCommandAllowing(denoFlags), ...args], {
+    ...options,
+    env: { PORTSERVER_ADDRESS: undefined, ...options.env },
+  });
+}
+
+/** A private network namespace, from {@linkcode privateNetwork}. */
+export interface PrivateNetwork {
+  /** Put before a command to run it in the namespace (`nsenter …`). */
+  enter: string[];
+  /** Ends the namespace's holding process. */
+  close(): Promise<void>;
+}
+
+/**
+ * A private network namespace (`unshare -n`: needs root, as CI has) whose
+ * `ip_local_reserved_ports` is `reserved` (as `20000-20002,20005`). Ports
+ * and abstract socket names in it are its own: no other test sees them.
+ * Fails, naming the cause, where the namespace cannot be made.
+ */
+export async function privateNetwork(
+  reserved: string,
+): Promise<PrivateNetwork> {
+  // unshare and sh exec in place: the pid stays that of the namespace's holder.
+  const holder = start([
+    "unshare",
+    "--net",
+    "sh",
+    "-c",
+    'printf %s "$1" > /proc/sys/net/ipv4/ip_local_reserved_ports && echo ready && exec sleep 3600',
+    "sh",
+    reserved,
+  ]);
+  try {
+    await holder.waitFor(/^ready\n/, 10_000);
+  } catch (error) {
+    await holder.stop("SIGKILL");
+    throw new Error(
+      `cannot make a private network namespace (unshare --net needs root): ${
+        (error as Error).message
+      }`,
+    );
+  }
+  return {
+    enter: ["nsenter", `--net=/proc/${holder.child.pid}/ns/net`, "--"],
+    close: async () => void await holder.stop("SIGKILL"),
+  };
+}

@@ -62,8 +62,6 @@ const suites: Suite[] = [
       "--no-check",
       "--no-config",
       "--node-modules-dir=none",
-      // What `deno test --allow-net` gives: no FFI either.
-      "--deny-ffi",
       ...files.filter((f) => f.includes("picker")),
     ],
     env: { PORTPICKER_TEST_NO_UNSTABLE: "1" },

@@ -259,3 +259,242 @@ export async function statsOnSigusr1(proc: Proc): Promise<LoggedStats> {
 export function delay(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
+
+// ---------------------------------------------------------------------------
+// In-process servers (startPortServer), the two kinds of address, and raw
+// extended requests.
+
+import { join as joinPath } from "node:path";
+import {
+  type PortServer,
+  type PortServerOptions,
+  startPortServer,
+} from "../portserver.ts";
+import { tempDir as makeTempDir } from "./helpers.ts";
+
+/** The two kinds of address a server listens on, for tests run on each. */
+export const ADDRESS_KINDS = ["abstract name", "socket file"] as const;
+
+/** One of {@linkcode ADDRESS_KINDS}. */
+export type AddressKind = typeof ADDRESS_KINDS[number];
+
+/**
+ * A fresh address of `kind` (`name` is its prefix): a unique `@name`, or a
+ * socket file in a new folder that `remove()` deletes.
+ */
+export function freshAddress(
+  kind: AddressKind,
+  name: string,
+): { address: string; remove(): void } {
+  if (kind === "abstract name") {
+    return { address: uniqueName(name), remove: () => {} };
+  }
+  const dir = makeTempDir();
+  return { address: joinPath(dir.path, `${name}.sock`), remove: dir.remove };
+}
+
+/** What {@linkcode withInProcessServer} hands its body. */
+export interface InProcessServer {
+  server: PortServer;
+  /** The server's pool, fresh from {@linkcode randomPool}. */
+  range: [number, number];
+  address: string;
+  /** Every line the server has logged so far. */
+  log: string[];
+  /** Resolves with the first logged line that matches `pattern`. */
+  waitForLog(pattern: RegExp, timeoutMs?: number): Promise<string>;
+}
+
+/**
+ * Runs `body` with {@linkcode startPortServer} serving, in this process, a
+ * fresh pool of `size` ports on a fresh address of `kind` (default an
+ * abstract name; `name` is its prefix), its log kept instead of printed;
+ * stops the server however `body` ends. `options` go to startPortServer.
+ */
+export async function withInProcessServer(
+  setup: {
+    size: number;
+    name: string;
+    kind?: AddressKind;
+    options?: Omit<PortServerOptions, "address" | "pool" | "log">;
+  },
+  body: (started: InProcessServer) => Promise<void>,
+): Promise<void> {
+  const range = await randomPool(setup.size);
+  const where = freshAddress(setup.kind ?? "abstract name", setup.name);
+  const log: string[] = [];
+  const waiters = new Set<() => void>();
+  let server: PortServer | undefined;
+  try {
+    server = await startPortServer({
+      ...setup.options,
+      address: where.address,
+      pool: [range],
+      log: (line) => {
+        log.push(line);
+        for (const wake of waiters) wake();
+      },
+    });
+    const waitForLog = (pattern: RegExp, timeoutMs = 15_000) =>
+      new Promise<string>((resolve, reject) => {
+        const check = () => {
+          const line = log.find((l) => pattern.test(l));
+          if (line === undefined) return;
+          done();
+          resolve(line);
+        };
+        const timer = setTimeout(() => {
+          done();
+          reject(new Error(`no log line ${pattern}; log:\n${log.join("\n")}`));
+        }, timeoutMs);
+        const done = () => {
+          clearTimeout(timer);
+          waiters.delete(check);
+        };
+        waiters.add(check);
+        check();
+      });
+    await body({ server, range, address: where.address, log, waitForLog });
+  } finally {
+    await server?.stop();
+    where.remove();
+    releaseRange(range);
+  }
+}
+
+/**
+ * Sends one request line (newline included) as is, without half-closing,
+ * and returns all the server wrote until it closed, as text.
+ */
+export async function sendRequest(
+  address: string,
+  request: string | { delayMs: number; pieces: string[] },
+): Promise<string> {
+  const { bytes } = await exchange(address, request);
+  return bytes.toString("latin1");
+}
+
+/** The ports of an `OK p1 p2 ...\n` reply; fails on anything else. */
+export function okPorts(reply: string): number[] {
+  if (!/^OK \d+( \d+)*\n$/.test(reply)) {
+    throw new Error(`not an OK reply: ${JSON.stringify(reply)}`);
+  }
+  return reply.trim().split(" ").slice(1).map(Number);
+}
+
+/** A connection kept open after its first reply line: a lease. */
+export interface OpenConnection {
+  /** The first line the server wrote, newline included. */
+  reply: string;
+  /** Closes the connection, and resolves once it is closed. */
+  close(): Promise<void>;
+}
+
+/** Sends `request` and keeps the connection open once a line has come back. */
+export function openConnection(
+  address: string,
+  request: string,
+): Promise<OpenConnection> {
+  return new Promise((resolve, reject) => {
+    let got = "";
+    const socket = connect(
+      { path: socketPath(address) },
+      () => socket.write(request),
+    );
+    const closed = new Promise<void>((r) => socket.once("close", () => r()));
+    socket.on("data", (chunk: Buffer) => {
+      got += chunk.toString("latin1");
+      if (!got.includes("\n")) return;
+      resolve({
+        reply: got,
+        close: () => (socket.destroy(), closed),
+      });
+    });
+    socket.on("error", reject);
+    socket.once("close", () => reject(new Error(`closed after ${got}`)));
+  });
+}
+
+/**
+ * Asks for the statistics (SIGUSR1) until `predicate` holds for them; the
+ * block that made it hold. For a server process still busy with clients.
+ */
+export async function statsWhen(
+  proc: Proc,
+  predicate: (stats: LoggedStats) => boolean,
+  timeoutMs = 15_000,
+): Promise<LoggedStats> {
+  const deadline = Date.now() + timeoutMs;
+  while (true) {
+    const stats = await statsOnSigusr1(proc);
+    if (predicate(stats)) return stats;
+    if (Date.now() > deadline) {
+      throw new Error(`statistics never matched: ${JSON.stringify(stats)}`);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// A server that must not start, and the server's rate-limited warnings.
+
+import type { RunResult } from "./helpers.ts";
+
+/**
+ * Runs `cli.ts serve args...` as {@linkcode startServer} does, for a start
+ * that must fail: resolves with how it exited and what it printed. Rejects
+ * at once if it logs "Serving on", or if it still runs after `timeoutMs`.
+ */
+export function serveFailure(
+  args: string[],
+  timeoutMs = 15_000,
+): Promise<RunResult> {
+  const proc = start([...runtimeCommand("cli.ts"), "serve", ...args], {
+    PORTSERVER_ADDRESS: undefined,
+    PORTPICKER_LOCK_DIR: undefined,
+  });
+  const what = `serve ${args.join(" ")}`.slice(0, 300);
+  return new Promise((resolve, reject) => {
+    const fail = (why: string) => {
+      clearTimeout(timer);
+      void proc.stop("SIGKILL");
+      reject(new Error(`${what}: ${why}; stderr: ${proc.stderr()}`));
+    };
+    const timer = setTimeout(
+      () => fail(`still running after ${timeoutMs} ms`),
+      timeoutMs,
+    );
+    proc.waitFor(/Serving on/, timeoutMs).then(
+      () => fail("it started serving"),
+      () => {/* exited first, or the timer above fails it */},
+    );
+    proc.child.once("close", (code, signal) => {
+      clearTimeout(timer);
+      resolve({
+        code,
+        signal,
+        stdout: proc.stdout(),
+        stderr: proc.stderr(),
+      });
+    });
+  });
+}
+
+/**
+ * The server's warning lines in `log` (its stderr, or a part of it) whose
+ * message matches `message`, and how many events they stand for: a
+ * warning is logged once, and its repeats within the interval once, as
+ * `<message> (and N more like it in the last 10 s)`.
+ */
+export function warningsLogged(
+  log: string,
+  message: RegExp,
+): { lines: string[]; count: number } {
+  const lines = log.split("\n").filter((line) =>
+    /^W\d{4} [\d:.]+ \d+ portserver\] /.test(line) && message.test(line)
+  );
+  const count = lines.reduce((sum, line) => {
+    const more = /\(and (\d+) more like it in the last \d+ s\)$/.exec(line);
+    return sum + (more ? Number(more[1]) : 1);
+  }, 0);
+  return { lines, count };
+}
