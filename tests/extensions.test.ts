@@ -29,6 +29,8 @@ import {
   returnPortsToServer,
 } from "../mod.ts";
 import {
+  askPort,
+  exchange,
   poolSpec,
   randomPool,
   socketPath,
@@ -830,20 +832,26 @@ test("protocol: RETURN of a port held by another pid is refused with ERR not hel
   }
 });
 
-test("protocol: LEASE count=2 holds its ports while the connection is open, and frees them right after the client closes it", async () => {
+test("protocol: LEASE count=2 holds its ports while the connection is open, past the server's request timeout, and frees them right after the client closes it", async () => {
   await withServer(
-    { size: 5, name: "ext-lease" },
+    { size: 5, name: "ext-lease", args: ["--timeout", "0.2"] },
     async ({ range: pool, address, server }) => {
       const { line, socket } = await openLease(
         address,
         "LEASE count=2 label=l\n",
       );
       const ports = okPorts(line, 2);
+      let leaseClosed = false;
+      socket.on("close", () => leaseClosed = true);
       try {
         assertDistinct(ports, 2);
         assertInPool(ports, pool);
-        await sleep(300);
+        // A client connected after the lease, that sends nothing, is
+        // dropped once the timeout is up: by then the lease is older.
+        const idle = await exchange(address, "");
+        assert.equal(idle.bytes.length, 0);
         const now = await held(address);
+        assert.equal(leaseClosed, false, "the server closed the lease");
         for (const port of ports) {
           assert.deepEqual(
             { ...now.get(port), since: "" },
@@ -890,11 +898,13 @@ console.log(lease.ports.join(" "));
 setInterval(() => {}, 1000);
 `,
     );
-    client = start(scriptCommand(script), { PORTSERVER_ADDRESS: undefined });
+    client = start(scriptCommandAllowing(NET, script), {
+      PORTSERVER_ADDRESS: undefined,
+    });
+    // Printed once the server's OK came: the lease is held from then on.
     await client.waitFor(/^\d+ \d+\n/, 30_000);
     const ports = client.stdout().trim().split(" ").map(Number);
     assertInPool(ports, pool);
-    await sleep(300);
     const now = await held(address);
     for (const port of ports) {
       assert.equal(now.get(port)?.lease, true, `${port} not leased`);
@@ -1170,10 +1180,19 @@ test("Python server: returnPort keeps the classic behaviour (the port goes to th
     returnPort(port);
     assert.equal(await pickUnusedPort(), port);
     // Nothing more was asked of the server: no RETURN, no second request.
-    await server.waitFor(/Request on behalf of pid/, 5_000);
-    await sleep(200);
-    assert.equal(countMatches(server.stderr(), /Could not parse request/g), 1);
-    assert.equal(countMatches(server.stderr(), /Request on behalf of pid/g), 1);
+    // A request of another pid, sent now, comes after anything this process
+    // sent before: once it is logged, so is all that came before it.
+    const marker = server.child.pid!;
+    assert.match(String(await askPort(address, marker)), /^\d+$/);
+    await server.waitFor(new RegExp(`Request on behalf of pid ${marker}\\b`));
+    const log = server.stderr();
+    assert.equal(countMatches(log, /Could not parse request/g), 1, log);
+    assert.equal(countMatches(log, /Request on behalf of pid/g), 2, log);
+    assert.equal(
+      countMatches(log, new RegExp(`Request on behalf of pid ${PID}\\b`, "g")),
+      1,
+      log,
+    );
   } finally {
     await server.stop();
   }

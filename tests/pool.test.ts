@@ -116,7 +116,10 @@ test("a pool port in use by another process is skipped and logged, and handed ou
       } finally {
         await busy.release();
       }
-      assert.equal(await sendRequest(address, `TAKE pid=${PID}\n`), `OK ${r0}\n`);
+      assert.equal(
+        await sendRequest(address, `TAKE pid=${PID}\n`),
+        `OK ${r0}\n`,
+      );
     },
   );
 });

@@ -26,11 +26,12 @@ import {
   uniqueName,
 } from "./helpers.ts";
 import {
+  ADDRESS_KINDS,
   alive,
   askPort,
-  delay,
   drain,
   exchange,
+  freshAddress,
   loggedStats,
   poolSpec,
   randomPool,
@@ -40,6 +41,7 @@ import {
   startServer,
   startTimeOf,
   statsOnSigusr1,
+  statsWhen,
   withServer,
 } from "./server_helpers.ts";
 
@@ -100,11 +102,14 @@ test("wire: `pid\\n` and `pid` without a newline each get exactly `port\\n`, the
   );
 });
 
-test("getPortFromPortServer (mod.ts) gets distinct pool ports from our server, on an abstract name and a socket file", async () => {
-  const range = await randomPool(10);
-  const dir = tempDir();
-  try {
-    for (const address of [uniqueName("ps-lib"), join(dir.path, "ps.sock")]) {
+for (const kind of ADDRESS_KINDS) {
+  test(
+    `getPortFromPortServer (mod.ts) gets distinct pool ports from our server on a${
+      kind === "abstract name" ? "n" : ""
+    } ${kind}`,
+    async () => {
+      const range = await randomPool(10);
+      const { address, remove } = freshAddress(kind, "ps-lib");
       const server = await startServer([
         "--pool",
         poolSpec(range),
@@ -115,26 +120,21 @@ test("getPortFromPortServer (mod.ts) gets distinct pool ports from our server, o
         const ports: number[] = [];
         for (let i = 0; i < 4; i++) {
           const port = await getPortFromPortServer(address);
-          assert.ok(port !== undefined, `${address}: no port`);
+          assert.ok(port !== undefined, "no port");
           ports.push(port);
         }
         assert.ok(
           ports.every((p) => inPool(p, range)),
-          `${address}: ${ports} not in ${range}`,
+          `${ports} not in ${range}`,
         );
-        assert.equal(
-          new Set(ports).size,
-          4,
-          `${address}: not distinct: ${ports}`,
-        );
+        assert.equal(new Set(ports).size, 4, `not distinct: ${ports}`);
       } finally {
         await server.stop();
+        remove();
       }
-    }
-  } finally {
-    dir.remove();
-  }
-});
+    },
+  );
+}
 
 // ---------------------------------------------------------------------------
 // Many clients at once.
@@ -298,7 +298,7 @@ test("pid reuse (simulated by a --state entry for a live pid with a wrong start 
 // ---------------------------------------------------------------------------
 // Bad requests.
 
-test("each bad request is closed with nothing written, and a good request right after is served in < 1 s", async () => {
+test("each bad request is closed with nothing written, and a good request right after is served", async () => {
   await withServer(
     { size: 40, name: "ps-bad" },
     async ({ range, address, server }) => {
@@ -389,7 +389,7 @@ test("a slow sender (a byte every 300 ms) neither blocks others nor gets a port 
       }, {
         timeoutMs: 8000,
       });
-      await delay(150);
+      await server.waitFor(/Could not parse request: invalid pid " "/);
       for (let i = 0; i < 3; i++) {
         await assertServes(address, range, `good request ${i}`);
       }
@@ -412,8 +412,8 @@ test("clients that vanish mid-request (`12` then gone; `pid\\n` then gone before
       for (const payload of ["12", `${PID}\n`, "12", `${PID}\n`]) {
         await new Promise<void>((resolve) => {
           const socket = connect({ path: socketPath(address) }, () => {
-            socket.write(payload);
-            socket.destroy();
+            // Gone once the request is sent, before any reply.
+            socket.end(payload, () => socket.destroy());
           });
           socket.on("error", () => {});
           socket.on("close", () => resolve());
@@ -424,7 +424,12 @@ test("clients that vanish mid-request (`12` then gone; `pid\\n` then gone before
           `after ${JSON.stringify(payload)} and gone`,
         );
       }
-      await delay(200);
+      // Each was answered (a port, or a denial for pid 12) and written to
+      // a closed connection: 4 of them and the 4 good requests.
+      await statsWhen(
+        server,
+        (s) => s["total-allocations"] + s["denied-allocations"] === 8,
+      );
       assert.ok(alive(server));
       await assertServes(address, range, "afterwards");
     },
@@ -797,49 +802,39 @@ test("a stale socket file left by a SIGKILLed server is replaced on restart", as
   }
 });
 
-test("a second server on a live server's address (abstract and path) exits 1 with one line; the first keeps serving", async () => {
-  const range = await randomPool(4);
-  const other = await randomPool(4);
-  const dir = tempDir();
-  try {
-    for (const address of [uniqueName("ps-twice"), join(dir.path, "ps.sock")]) {
-      const first = await startServer([
+for (const kind of ADDRESS_KINDS) {
+  test(`a second server on a live server's ${kind} exits 1 with one line; the first keeps serving`, async () => {
+    const range = await randomPool(4);
+    const other = await randomPool(4);
+    const { address, remove } = freshAddress(kind, "ps-twice");
+    const first = await startServer([
+      "--pool",
+      poolSpec(range),
+      "--address",
+      address,
+    ]);
+    try {
+      const second = await run([
+        ...runtimeCommand("cli.ts"),
+        "serve",
         "--pool",
-        poolSpec(range),
+        poolSpec(other),
         "--address",
         address,
-      ]);
-      try {
-        const second = await run([
-          ...runtimeCommand("cli.ts"),
-          "serve",
-          "--pool",
-          poolSpec(other),
-          "--address",
-          address,
-        ], { timeoutMs: 20_000 });
-        assert.equal(
-          second.code,
-          1,
-          `${address}: exit ${second.code}; ${second.stderr}`,
-        );
-        assert.match(
-          second.stderr,
-          /^[^\n]*already serving[^\n]*\n$/i,
-          second.stderr,
-        );
-        assert.ok(second.stderr.includes(address), second.stderr);
-        assert.doesNotMatch(second.stderr, /Serving on/);
-        assert.ok(alive(first));
-        await assertServes(address, range, `${address}: the first server`);
-      } finally {
-        await killAll(first);
-      }
+      ], { timeoutMs: 20_000 });
+      assert.equal(second.code, 1, `exit ${second.code}; ${second.stderr}`);
+      assert.equal(
+        second.stderr,
+        `portpicker serve: Another port server is already serving on ${address}\n`,
+      );
+      assert.ok(alive(first));
+      await assertServes(address, range, "the first server");
+    } finally {
+      await killAll(first);
+      remove();
     }
-  } finally {
-    dir.remove();
-  }
-});
+  });
+}
 
 test("a regular file at the address is left alone: exit 1 with one line", async () => {
   const range = await randomPool(4);
@@ -873,7 +868,7 @@ test("an empty pool (--pool 0-0, --pool abc) exits 1; a usage error exits 2 with
       pool,
       "--address",
       address,
-    ]);
+    ], { timeoutMs: 10_000 });
     assert.equal(
       result.code,
       1,
@@ -885,7 +880,10 @@ test("an empty pool (--pool 0-0, --pool abc) exits 1; a usage error exits 2 with
   for (
     const args of [["--bogus"], ["--pool"], ["--address", address, "extra"]]
   ) {
-    const result = await run([...runtimeCommand("cli.ts"), "serve", ...args]);
+    // A server that serves instead is killed after 10 s.
+    const result = await run([...runtimeCommand("cli.ts"), "serve", ...args], {
+      timeoutMs: 10_000,
+    });
     const what = JSON.stringify(args);
     assert.equal(
       result.code,

@@ -18,7 +18,13 @@ import {
   tool,
   uniqueName,
 } from "./helpers.ts";
-import { poolSpec, randomPool, startServer } from "./server_helpers.ts";
+import {
+  ADDRESS_KINDS,
+  freshAddress,
+  poolSpec,
+  randomPool,
+  startServer,
+} from "./server_helpers.ts";
 
 /** Three pick_unused_port() calls in one Python process, as PORTSERVER_ADDRESS tells. */
 const PICK_THREE = `
@@ -51,39 +57,29 @@ async function assertPythonGetsPorts(
   assert.equal(new Set(ports).size, 3, `${address}: not distinct: ${ports}`);
 }
 
-test("Debian's Python client gets distinct pool ports from our server on an abstract name", async () => {
-  const range = await randomPool(10);
-  const address = uniqueName("ps-interop");
-  const server = await startServer([
-    "--pool",
-    poolSpec(range),
-    "--address",
-    address,
-  ]);
-  try {
-    await assertPythonGetsPorts(address, range);
-  } finally {
-    await server.stop("SIGKILL");
-  }
-});
-
-test("Debian's Python client gets distinct pool ports from our server on a socket file", async () => {
-  const range = await randomPool(10);
-  const dir = tempDir();
-  const address = join(dir.path, "portserver.sock");
-  const server = await startServer([
-    "--pool",
-    poolSpec(range),
-    "--address",
-    address,
-  ]);
-  try {
-    await assertPythonGetsPorts(address, range);
-  } finally {
-    await server.stop("SIGKILL");
-    dir.remove();
-  }
-});
+for (const kind of ADDRESS_KINDS) {
+  test(
+    `Debian's Python client gets distinct pool ports from our server on a${
+      kind === "abstract name" ? "n" : ""
+    } ${kind}`,
+    async () => {
+      const range = await randomPool(10);
+      const { address, remove } = freshAddress(kind, "ps-interop");
+      const server = await startServer([
+        "--pool",
+        poolSpec(range),
+        "--address",
+        address,
+      ]);
+      try {
+        await assertPythonGetsPorts(address, range);
+      } finally {
+        await server.stop("SIGKILL");
+        remove();
+      }
+    },
+  );
+}
 
 test("the compiled binary (bun build --compile) serves the Python client", async () => {
   const range = await randomPool(10);

@@ -33,7 +33,13 @@
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import {
+  existsSync,
+  mkdirSync,
+  readdirSync,
+  readFileSync,
+  writeFileSync,
+} from "node:fs";
 import { join } from "node:path";
 import { pathToFileURL } from "node:url";
 import type { PortServerStatus } from "../mod.ts";
@@ -67,8 +73,15 @@ interface Block {
   marker?: { kind: "not run" | "runs on" | "output of"; value: string };
 }
 
-function readmeBlocks(): Block[] {
-  const lines = readFileSync(join(ROOT, "README.md"), "utf8").split("\n");
+/** The README and the docs it links to: every block of them is run. */
+const FILES = [
+  "README.md",
+  ...readdirSync(join(ROOT, "docs")).filter((f) => f.endsWith(".md")).sort()
+    .map((f) => `docs/${f}`),
+];
+
+function readmeBlocks(file: string): Block[] {
+  const lines = readFileSync(join(ROOT, file), "utf8").split("\n");
   const blocks: Block[] = [];
   for (let i = 0; i < lines.length; i++) {
     const open = /^```(\S*)\s*$/.exec(lines[i]);
@@ -369,6 +382,8 @@ function flag(args: string[], ...names: string[]): string | undefined {
 const VALUE_FLAGS = [
   "-n",
   "--count",
+  "-p",
+  "--port",
   "--range",
   "--exclude",
   "--portserver",
@@ -405,7 +420,8 @@ function checkPick(args: string[], stdout: string, shellPid: number): void {
     );
   }
   const lockDir = flag(args, "--lock-dir");
-  const pid = positionals(args)[0] ?? String(shellPid);
+  const given = positionals(args)[0];
+  const pid = given === undefined || given === "$$" ? String(shellPid) : given;
   for (const port of lockDir ? ports : []) {
     const claim = readFileSync(join(lockDir!, `${port}.claim`), "utf8");
     assert.match(claim, new RegExp(`^${pid} \\d+\\n$`), "the claim names pid");
@@ -488,7 +504,7 @@ async function runShell(block: Block): Promise<void> {
         `${what}: exit ${result.code}; ${result.stderr}`,
       );
       if (code !== 0) {
-        assert.match(result.stderr, /^portpicker: [^\n]+\n$/, what);
+        assert.match(result.stderr, /^portpicker( [a-z]+)?: [^\n]+\n$/, what);
         continue;
       }
       if (/\| nc -U /.test(command)) {
@@ -554,9 +570,15 @@ async function checkOutput(block: Block): Promise<void> {
   assert.equal(result.stdout.trimEnd(), block.code.trimEnd());
 }
 
-for (const block of readmeBlocks()) {
+for (
+  const block of FILES.flatMap((file) =>
+    readmeBlocks(file).map((b) => ({ ...b, file }))
+  )
+) {
   const first = block.code.split("\n").find((l) => l.trim() !== "") ?? "";
-  const name = `README line ${block.line}: ${block.lang} ${first.slice(0, 60)}`;
+  const name = `${block.file} line ${block.line}: ${block.lang} ${
+    first.slice(0, 60)
+  }`;
   const marker = block.marker;
   if (marker?.kind === "not run") {
     test(name, { skip: `not run: ${marker.value}` }, () => {});
