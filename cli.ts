@@ -432,7 +432,8 @@ function parse<T extends NonNullable<ParseArgsConfig["options"]>>(
     });
   } catch (error) {
     const message = (error as Error).message;
-    const flag = /--[\w-]+/.exec(message)?.[0] ?? /-\w/.exec(message)?.[0] ?? "";
+    const flag = /--[\w-]+/.exec(message)?.[0] ?? /-\w/.exec(message)?.[0] ??
+      "";
     throw new UsageError(
       /ambiguous|argument missing/.test(message)
         ? `option ${flag} needs a value (a value that starts with - goes as ${flag}=VALUE)`

@@ -33,6 +33,10 @@ import {
   PROTOCOL_LIMITS,
   reservedPorts,
 } from "./mod.ts";
+import * as fs from "node:fs";
+import * as fsp from "node:fs/promises";
+import * as net from "node:net";
+import { pid } from "node:process";
 
 // ===========================================================================
 // The public API.
@@ -1129,46 +1133,34 @@ function formatLog(level: "I" | "W", message: string): string {
 }
 
 // ===========================================================================
-// The runtime adapter: Deno's own sockets and files on Deno (no node:
-// module is loaded there), node:net and node:fs on Bun and Node.
-
-/** What this file uses of Node's `process` (Bun has it too). */
-interface NodeProcess {
-  pid: number;
-  platform: string;
-  getBuiltinModule(name: "node:fs"): typeof import("node:fs");
-}
+// The runtime adapter. Deno's own Unix listener on Deno (its node:net is
+// slower), node:net on Bun and Node; node:fs everywhere: the server is
+// long-lived, so loading Deno's Node layer at start costs nothing that
+// matters.
 
 // deno-lint-ignore no-explicit-any
-const host = globalThis as any;
-const deno: typeof Deno | undefined = host.Deno;
-const node: NodeProcess | undefined = deno ? undefined : host.process;
+const deno: typeof Deno | undefined = (globalThis as any).Deno;
 const encoder = new TextEncoder();
-const fs = () => node!.getBuiltinModule("node:fs");
+const ownPid = (): number => pid;
 
-function ownPid(): number {
-  return deno ? deno.pid : node!.pid;
-}
-
-/** A file of /proc (Linux), or undefined where it cannot be read. */
-function procText(path: string): string | undefined {
+/** A file of /proc (Linux), or "" where it cannot be read. */
+function procText(path: string): string {
   try {
-    return deno ? deno.readTextFileSync(path) : fs().readFileSync(path, "utf8");
+    return fs.readFileSync(path, "utf8");
   } catch {
-    return undefined;
+    return "";
   }
 }
 
 /** This process's soft limit of open files (Linux), else a large number. */
 function descriptorLimit(): number {
-  const text = procText("/proc/self/limits") ?? "";
-  const soft = /^Max open files\s+(\d+)/m.exec(text)?.[1];
-  return soft ? Number(soft) : Infinity;
+  const soft = /^Max open files\s+(\d+)/m.exec(procText("/proc/self/limits"));
+  return soft ? Number(soft[1]) : Infinity;
 }
 
 /** The kernel's ephemeral range, or undefined where it cannot be read. */
 function ephemeralRange(): [number, number] | undefined {
-  const text = procText("/proc/sys/net/ipv4/ip_local_port_range") ?? "";
+  const text = procText("/proc/sys/net/ipv4/ip_local_port_range");
   const [first, last] = text.trim().split(/\s+/).map(Number);
   return first > 0 && last > 0 ? [first, last] : undefined;
 }
@@ -1184,17 +1176,19 @@ function errorCode(error: unknown): string | undefined {
   return (error as { code?: string } | undefined)?.code;
 }
 
+function removeFile(path: string): void {
+  try {
+    fs.unlinkSync(path);
+  } catch { /* gone already */ }
+}
+
 const files = {
   /** The text of the state file, or undefined when there is none. */
   async readState(path: string, limit: number): Promise<string | undefined> {
     let size: number;
     try {
-      size = deno ? (await deno.stat(path)).size : fs().statSync(path).size;
-      if (size <= limit) {
-        return deno
-          ? await deno.readTextFile(path)
-          : await fs().promises.readFile(path, "utf8");
-      }
+      size = fs.statSync(path).size;
+      if (size <= limit) return await fsp.readFile(path, "utf8");
     } catch (error) {
       if (errorCode(error) === "ENOENT") return undefined;
       throw new Error(
@@ -1212,58 +1206,28 @@ const files = {
       [...bytes].map((b) => b.toString(16).padStart(2, "0")).join("")
     }`;
     try {
-      if (deno) {
-        await deno.writeTextFile(temporary, text, {
-          createNew: true,
-          mode: 0o644,
-        });
-      } else {
-        const { constants: c, promises } = fs();
-        const file = await promises.open(
-          temporary,
-          c.O_WRONLY | c.O_CREAT | c.O_EXCL | (c.O_NOFOLLOW ?? 0),
-          0o644,
-        );
-        try {
-          await file.writeFile(text);
-        } finally {
-          await file.close();
-        }
-      }
-      await files.rename(temporary, path);
+      // "wx": made exclusively, so never written through a planted link.
+      await fsp.writeFile(temporary, text, { flag: "wx", mode: 0o644 });
+      await fsp.rename(temporary, path);
     } catch (error) {
-      files.removeSync(temporary);
+      removeFile(temporary);
       throw error;
     }
   },
-  async rename(from: string, to: string): Promise<void> {
-    if (deno) await deno.rename(from, to);
-    else await fs().promises.rename(from, to);
-  },
-  removeSync(path: string): void {
-    try {
-      if (deno) deno.removeSync(path);
-      else fs().unlinkSync(path);
-    } catch { /* gone already */ }
-  },
+  rename: (from: string, to: string): Promise<void> => fsp.rename(from, to),
   /** Removes the temporary files of a server killed mid-write. */
   removeLeftovers(path: string): void {
     const slash = path.lastIndexOf("/");
     const dir = slash < 0 ? "." : path.slice(0, slash) || "/";
-    const prefix = `${path.slice(slash + 1)}.tmp-`;
+    const leftover = new RegExp(
+      `^${path.slice(slash + 1).replace(/\W/g, "\\$&")}\\.tmp-[0-9a-f]{16}$`,
+    );
     let names: string[] = [];
     try {
-      names = deno
-        ? [...deno.readDirSync(dir)].map((entry) => entry.name)
-        : fs().readdirSync(dir);
+      names = fs.readdirSync(dir);
     } catch { /* no directory: nothing left over */ }
     for (const name of names) {
-      if (
-        /^[0-9a-f]{16}$/.test(name.slice(prefix.length)) &&
-        name.startsWith(prefix)
-      ) {
-        files.removeSync(`${dir}/${name}`);
-      }
+      if (leftover.test(name)) removeFile(`${dir}/${name}`);
     }
   },
 };
@@ -1288,12 +1252,11 @@ async function listenUnix(
       ? new Error(`Another port server is already serving on ${address}`)
       : new Error(`Cannot listen on ${address}: ${(error as Error).message}`);
   if (!abstract) await prepareSocketFile(address);
-  const removeFile = () => abstract || files.removeSync(address);
+  let stop: () => Promise<void>;
   if (deno) {
     let listener: Deno.UnixListener;
     try {
       listener = deno.listen({ transport: "unix", path });
-      if (mode >= 0) deno.chmodSync(address, mode);
     } catch (error) {
       throw failed(error);
     }
@@ -1309,35 +1272,30 @@ async function listenUnix(
         }
       }
     })();
-    return async () => {
-      listener.close();
-      await loop;
-      removeFile();
-    };
+    stop = async () => (listener.close(), await loop);
+  } else {
+    const server = net.createServer(
+      { allowHalfOpen: true },
+      (socket) => accept(nodeConnection(socket)),
+    );
+    await new Promise<void>((resolve, reject) => {
+      server.once("error", (error) => reject(failed(error)));
+      server.listen({ path, exclusive: true }, resolve);
+    });
+    server.on("error", acceptFailed);
+    stop = () => new Promise((resolve) => server.close(() => resolve()));
   }
-  const net = await import("node:net");
-  const server = net.createServer(
-    { allowHalfOpen: true },
-    (socket) => accept(nodeConnection(socket)),
-  );
-  await new Promise<void>((resolve, reject) => {
-    server.once("error", (error) => reject(failed(error)));
-    server.listen({ path, exclusive: true }, resolve);
-  });
+  const close = async () => {
+    await stop();
+    if (!abstract) removeFile(address);
+  };
   try {
-    if (mode >= 0) fs().chmodSync(address, mode);
+    if (mode >= 0) fs.chmodSync(address, mode);
   } catch (error) {
-    server.close();
+    await close();
     throw failed(error);
   }
-  server.on("error", acceptFailed);
-  return () =>
-    new Promise((resolve) =>
-      server.close(() => {
-        removeFile();
-        resolve();
-      })
-    );
+  return close;
 }
 
 function denoConnection(conn: Deno.UnixConn): Connection {
@@ -1401,9 +1359,7 @@ function nodeConnection(socket: import("node:net").Socket): Connection {
 async function prepareSocketFile(address: string): Promise<void> {
   let isSocket: boolean;
   try {
-    isSocket = deno
-      ? deno.lstatSync(address).isSocket === true
-      : fs().lstatSync(address).isSocket();
+    isSocket = fs.lstatSync(address).isSocket();
   } catch {
     return;
   }
@@ -1413,23 +1369,13 @@ async function prepareSocketFile(address: string): Promise<void> {
     );
   }
   // A live server answers a connect; a stale socket file refuses it.
-  let live = true;
-  try {
-    if (deno) {
-      (await deno.connect({ transport: "unix", path: address })).close();
-    } else {
-      const net = await import("node:net");
-      await new Promise<void>((resolve, reject) => {
-        const socket = net.connect({ path: address });
-        socket.once("connect", () => (socket.destroy(), resolve()));
-        socket.once("error", reject);
-      });
-    }
-  } catch {
-    live = false;
-  }
+  const live = await new Promise<boolean>((resolve) => {
+    const socket = net.connect({ path: address });
+    socket.once("connect", () => (socket.destroy(), resolve(true)));
+    socket.once("error", () => resolve(false));
+  });
   if (live) {
     throw new Error(`Another port server is already serving on ${address}`);
   }
-  files.removeSync(address);
+  removeFile(address);
 }

@@ -27,6 +27,7 @@ import {
   RUNTIME,
   start,
   tempDir,
+  tool,
 } from "./helpers.ts";
 
 // deno-lint-ignore no-explicit-any
@@ -262,8 +263,10 @@ try {
 }
 `,
       );
+      // Not Deno.execPath(): Deno's node:child_process gives a child
+      // started from it this process's permissions.
       const result = await run(
-        [g.Deno.execPath(), "run", "--no-config", "--no-prompt", path],
+        [tool("deno"), "run", "--no-config", "--no-prompt", path],
         { env: { NO_COLOR: "1" }, timeoutMs: 60_000 },
       );
       assert.equal(result.code, 0, `exit ${result.code}: ${result.stderr}`);

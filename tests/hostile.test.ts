@@ -1415,20 +1415,23 @@ test("9.12 at its descriptor limit (ulimit -n 96) 200 idle clients are each clos
     const before = await statsOnSigusr1(server);
     const from = server.stderr().length;
 
-    // 200 clients that connect and send nothing. Each resolves, with
-    // whether it had connected, once closed: never by this side. A
-    // connection refused (a full listen backlog) is left out.
+    // 200 clients that connect and send nothing. Each resolves once closed
+    // (never by this side): with false if its connect was refused (a full
+    // listen backlog: left out), else with true. One that the server
+    // accepts and closes at once may see a reset before it sees its connect.
     const flood = Promise.all(Array.from(
       { length: 200 },
       () =>
         new Promise<boolean>((resolve) => {
-          let connected = false;
-          const socket = connect({ path: socketPath(address) }, () => {
-            connected = true;
-            clients.push(socket);
+          let refused = false;
+          const socket = connect({ path: socketPath(address) });
+          clients.push(socket);
+          socket.on("error", (error: Error & { code?: string }) => {
+            refused ||= ["ECONNREFUSED", "EAGAIN", "EWOULDBLOCK"].includes(
+              error.code!,
+            );
           });
-          socket.on("error", () => {});
-          socket.on("close", () => resolve(connected));
+          socket.on("close", () => resolve(!refused));
         }),
     ));
     const outcomes = await within(
@@ -1439,10 +1442,10 @@ test("9.12 at its descriptor limit (ulimit -n 96) 200 idle clients are each clos
           clients.filter((c) => !c.destroyed).length
         } idle clients still open; stderr: ${server.stderr().slice(from)}`,
     );
-    const connected = outcomes.filter(Boolean).length;
+    const reached = outcomes.filter(Boolean).length;
     assert.ok(
-      connected > 96,
-      `only ${connected} of 200 clients connected: not past the descriptor limit`,
+      reached > 96,
+      `only ${reached} of 200 clients reached the server: not past its descriptor limit`,
     );
 
     // Those it served timed out: each is a client request error.
@@ -1454,9 +1457,9 @@ test("9.12 at its descriptor limit (ulimit -n 96) 200 idle clients are each clos
     const OVER_LIMIT = /Dropped a client over the limit of \d+ connections/;
     await waitForLog(
       server,
-      (text) => timedOut + warningsLogged(text, OVER_LIMIT).count >= connected,
+      (text) => timedOut + warningsLogged(text, OVER_LIMIT).count >= reached,
       from,
-      `warnings that count ${connected - timedOut} clients over the limit`,
+      `warnings that count ${reached - timedOut} clients over the limit`,
       30_000,
     );
     const text = server.stderr().slice(from);
@@ -1464,8 +1467,8 @@ test("9.12 at its descriptor limit (ulimit -n 96) 200 idle clients are each clos
     assert.ok(timedOut > 0, "no client was served: the limit is 0?");
     assert.equal(
       timedOut + overLimit.count,
-      connected,
-      `${timedOut} timed out and ${overLimit.count} over the limit, for ${connected} clients:\n${text}`,
+      reached,
+      `${timedOut} timed out and ${overLimit.count} over the limit, for ${reached} clients:\n${text}`,
     );
     assert.doesNotMatch(
       text,
@@ -1475,7 +1478,7 @@ test("9.12 at its descriptor limit (ulimit -n 96) 200 idle clients are each clos
     const warnings = lines(text).filter((l) => l.startsWith("W"));
     assert.ok(
       warnings.length <= 4,
-      `${warnings.length} warnings for ${connected} clients:\n${
+      `${warnings.length} warnings for ${reached} clients:\n${
         warnings.slice(0, 10).join("\n")
       }`,
     );

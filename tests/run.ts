@@ -116,6 +116,35 @@ if (!nodeVersion || Number(/^v(\d+)/.exec(nodeVersion)?.[1]) < 22) {
   process.exit(1);
 }
 
+// What the tests talk to: Debian's Python portpicker (the peer of the
+// interop tests) and OpenBSD nc (the protocol examples). Installed here when
+// this is root on Debian; otherwise one line says what to install.
+const PEERS = {
+  "/usr/bin/portserver": "python3-portpicker",
+  "/bin/nc.openbsd": "netcat-openbsd",
+};
+const missing = Object.entries(PEERS).filter(([path]) => !existsSync(path)).map(
+  ([, pkg]) => pkg,
+);
+if (missing.length > 0) {
+  const install = `apt-get install -y ${missing.join(" ")}`;
+  const root = process.getuid?.() === 0 && existsSync("/usr/bin/apt-get");
+  if (root) console.log(`=== ${install}`);
+  const ok = root &&
+    (spawnSync("sh", ["-c", `${install} || (apt-get update && ${install})`], {
+      stdio: "ignore",
+    }).status === 0);
+  if (!ok) {
+    console.error(
+      `the tests need Debian's ${missing.join(" and ")}: ${
+        root ? "apt-get failed: " : ""
+      }run ${install}, as root`,
+    );
+    console.log("0 passed, 1 failed");
+    process.exit(1);
+  }
+}
+
 /** Runs one suite to its end; its output, and how it ended. */
 function runSuite(suite: Suite): Promise<string> {
   return new Promise<string>((resolve) => {
