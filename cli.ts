@@ -439,6 +439,8 @@ function parse<T extends NonNullable<ParseArgsConfig["options"]>>(
         ? `option ${flag} needs a value (a value that starts with - goes as ${flag}=VALUE)`
         : /Unknown option/.test(message)
         ? `unknown option ${flag}`
+        : /does not take an argument/.test(message)
+        ? `option ${flag} takes no value`
         : message.split(". ")[0],
     );
   }
@@ -451,9 +453,7 @@ class Help extends Error {}
 
 /** Text that is a whole number as a number; anything else as given, for the check to name. */
 function number(text: string): number {
-  return /^\d{1,16}$/.test(text.trim())
-    ? Number(text)
-    : text as unknown as number;
+  return /^-?\d{1,16}$/.test(text) ? Number(text) : text as unknown as number;
 }
 
 function seconds(text: string, what: string, min: number, max: number): number {

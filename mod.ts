@@ -711,8 +711,9 @@ export async function returnPortsToServer(
  *
  * @param pid The process.
  * @returns Its start time, or 0 for none.
- * @throws {Error} When `/proc` cannot be read (on Deno, no `--allow-read`):
- * that must not make every owner look dead.
+ * @throws {Error} When `/proc` cannot be read (on Deno, without `-A`: Deno
+ * 2.9 reads `/proc` only with `--allow-all`): that must not make every owner
+ * look dead.
  *
  * @example
  * ```ts
@@ -744,7 +745,7 @@ export function processStartTime(pid: number): number {
 /**
  * Linux's `ip_local_reserved_ports`: ports the kernel never hands out and
  * this picker never returns (nor the port server). Empty elsewhere, and on
- * Deno without read access to that file.
+ * Deno without `-A` (Deno 2.9 reads `/proc` only with `--allow-all`).
  *
  * @returns The reserved ports, read once.
  *
@@ -1977,7 +1978,8 @@ function serverAddress(address: string | undefined): string {
   const env = granted({ name: "env", variable: "PORTSERVER_ADDRESS" })
     ? ""
     : " (Deno needs --allow-env to read it)";
-  throw new Error(
+  // A missing argument, as the CLI's usage errors.
+  throw new TypeError(
     `No port server: pass an address or set PORTSERVER_ADDRESS${env}`,
   );
 }
