@@ -257,7 +257,8 @@ test("checking, picking and reserving ports leaves no file descriptor open", asy
   const timeWait = await timeWaitWithPython();
   const [free] = await freeRange(1);
   try {
-    const result = await runScript(`
+    const result = await runScript(
+      `
 import { readdirSync } from "node:fs";
 import {
   isPortFree,
@@ -294,10 +295,13 @@ const answers = await round();
 const before = descriptors();
 for (let i = 0; i < 100; i++) await round();
 console.log(JSON.stringify({ answers, before, after: descriptors() }));
-`, {
-      // Deno lets only -A, with nothing denied, read /proc/self/fd.
-      command: (path) => scriptCommand(path).filter((a) => a !== "--deny-ffi"),
-    });
+`,
+      {
+        // Deno lets only -A, with nothing denied, read /proc/self/fd.
+        command: (path) =>
+          scriptCommand(path).filter((a) => a !== "--deny-ffi"),
+      },
+    );
     assert.equal(result.code, 0, result.stderr);
     const { answers, before, after } = JSON.parse(result.stdout);
     assert.deepEqual(answers, [true, true, false, "NoFreePortFoundError"]);

@@ -468,7 +468,7 @@ if (RUNTIME === "deno") {
     const result = await run([...deno("--allow-net"), CLI, "status"], {
       env: { PORTSERVER_ADDRESS: "@x" },
     });
-    assert.equal(result.code, 1, result.stderr);
+    assert.equal(result.code, 2, result.stderr);
     assert.match(result.stderr, /--allow-env/);
   });
 
