@@ -17,6 +17,8 @@
 import { parseArgs, type ParseArgsConfig } from "node:util";
 import {
   getPortServerStatus,
+  leasePorts,
+  type PickOptions,
   pickUnusedPorts,
   reservePort,
   returnPort,
@@ -33,6 +35,7 @@ const USAGE = `Usage: ${NAME} [options] [pid] [hold_seconds]
        ${NAME} status [options]      who holds which port on the server
        ${NAME} return PORT... [options]
        ${NAME} wait PORT [options]
+       ${NAME} run [options] -- COMMAND...  ports for a command's lifetime
        ${NAME} help [COMMAND]        this help, or a command's
 
 Prints a port that is free on TCP and UDP, IPv4 and IPv6, and a newline.
@@ -113,6 +116,28 @@ Options:
       --lock-dir DIR     the lock directory (default: $PORTPICKER_LOCK_DIR)
   -h, --help             print this help
 `,
+  run: `Usage: ${NAME} run [options] -- COMMAND [ARG...]
+
+Runs COMMAND with free ports in its environment ($PORT by default), held for
+exactly as long as it runs: no other process gets them meanwhile. From a port
+server they are a lease that ends when ${NAME} run does, even if it is killed;
+without one they are claimed for ${NAME} run in the lock directory, if any,
+and released when the command ends. SIGINT, SIGTERM and SIGHUP are passed on.
+
+Options:
+      --env NAME[,NAME...]  one distinct port per variable (default: PORT)
+  -p, --port P[,P...]    prefer these ports, in this order, when free
+      --range A-B        search only ports A to B, inclusive
+      --exclude P[,P...] never use these ports
+      --portserver ADDR  lease from this port server (default:
+                         $PORTSERVER_ADDRESS); it chooses the ports
+      --label TEXT       store TEXT with the lease on the port server
+      --lock-dir DIR     claim the ports in DIR (default: $PORTPICKER_LOCK_DIR)
+  -h, --help             print this help
+
+Exit status: the command's (128 + N when signal N ended it); 127 when it is
+not found, 126 when it cannot be run; 1 or 2 when no ports could be had.
+`,
   wait: `Usage: ${NAME} wait PORT [--timeout SECONDS] [--host HOST]
 
 Waits until something accepts TCP connections on PORT; exit 1 with one line
@@ -159,6 +184,8 @@ export async function main(args: string[]): Promise<number> {
         return await returnCommand(rest);
       case "wait":
         return await waitCommand(rest);
+      case "run":
+        return await runCommand(rest);
       default:
         return await pickCommand(args);
     }
@@ -173,6 +200,7 @@ export async function main(args: string[]): Promise<number> {
         usage ? " (see --help)" : ""
       }`,
     );
+    if (error instanceof CommandError) return error.status;
     return usage ? 2 : 1;
   }
 }
@@ -180,15 +208,39 @@ export async function main(args: string[]): Promise<number> {
 // ---------------------------------------------------------------------------
 // Picking.
 
+/** The options of `portpicker` and `portpicker run` that choose ports. */
+const PICK_OPTIONS = {
+  port: { type: "string", short: "p" },
+  range: { type: "string" },
+  exclude: { type: "string" },
+  portserver: { type: "string" },
+  label: { type: "string" },
+  "lock-dir": { type: "string" },
+} as const;
+
+/** Those options as the library's, for `pid`. */
+function pickOptions(
+  values: { [K in keyof typeof PICK_OPTIONS]?: string },
+  pid: number,
+): PickOptions {
+  const range = values.range?.split("-");
+  return {
+    pid,
+    portserverAddress: nonEmpty(values.portserver, "--portserver"),
+    lockDir: nonEmpty(values["lock-dir"], "--lock-dir"),
+    ports: values.port?.split(",").map(number),
+    range: range?.length === 2
+      ? [number(range[0]), number(range[1])] as [number, number]
+      : values.range as unknown as [number, number],
+    exclude: values.exclude?.split(",").map(number),
+    label: values.label,
+  };
+}
+
 async function pickCommand(args: string[]): Promise<number> {
   const { values, positionals } = parse(args, {
+    ...PICK_OPTIONS,
     count: { type: "string", short: "n" },
-    port: { type: "string", short: "p" },
-    range: { type: "string" },
-    exclude: { type: "string" },
-    portserver: { type: "string" },
-    label: { type: "string" },
-    "lock-dir": { type: "string" },
     json: { type: "boolean" },
     version: { type: "boolean", short: "V" },
   }, USAGE);
@@ -204,20 +256,58 @@ async function pickCommand(args: string[]): Promise<number> {
   const holdSeconds = hold === undefined
     ? 0
     : seconds(hold, "hold_seconds", 0, 2_000_000);
-  const range = values.range?.split("-");
-  const ports = await pickUnusedPorts(number(values.count ?? "1"), {
-    pid: pid === undefined ? parentPid() : number(pid),
-    portserverAddress: nonEmpty(values.portserver, "--portserver"),
-    lockDir: nonEmpty(values["lock-dir"], "--lock-dir"),
-    ports: values.port?.split(",").map(number),
-    range: range?.length === 2
-      ? [number(range[0]), number(range[1])] as [number, number]
-      : values.range as unknown as [number, number],
-    exclude: values.exclude?.split(",").map(number),
-    label: values.label,
-  });
+  const ports = await pickUnusedPorts(
+    number(values.count ?? "1"),
+    pickOptions(values, pid === undefined ? parentPid() : number(pid)),
+  );
   if (holdSeconds > 0) await holdInChild(ports, holdSeconds);
   return print(values.json ? JSON.stringify({ ports }) : ports.join("\n"));
+}
+
+/**
+ * `portpicker run [options] -- COMMAND [ARG...]`: runs the command with its
+ * ports in environment variables, held for exactly as long as it runs: a
+ * lease from the port server (it ends with our connection, even if we are
+ * killed), else claims for this process in the lock directory, removed when
+ * the command ends.
+ */
+async function runCommand(args: string[]): Promise<number> {
+  const { values, positionals } = parse(args, {
+    ...PICK_OPTIONS,
+    env: { type: "string" },
+  }, HELP.run);
+  if (positionals.length === 0) {
+    throw new UsageError("run needs a command: run [options] -- COMMAND");
+  }
+  const names = (values.env ?? "PORT").split(",");
+  const bad = names.find((n) => !/^[A-Za-z_][A-Za-z0-9_]*$/.test(n));
+  if (bad !== undefined || new Set(names).size !== names.length) {
+    throw new UsageError(
+      `invalid --env ${show(values.env!)}: expected distinct variable names`,
+    );
+  }
+  const options = pickOptions(values, ownPid());
+  const address = options.portserverAddress ?? env("PORTSERVER_ADDRESS");
+  let release: () => unknown;
+  let ports: readonly number[];
+  if (address) {
+    const lease = await leasePorts(names.length, {
+      portserverAddress: address,
+      label: options.label,
+    });
+    ({ ports, release } = lease);
+  } else {
+    ports = await pickUnusedPorts(names.length, options);
+    release = () => ports.forEach((port) => returnPort(port));
+  }
+  try {
+    const [command, ...rest] = positionals;
+    const vars = Object.fromEntries(names.map((n, i) => [n, String(ports[i])]));
+    const { code, signal } = await runChild(command, rest, vars);
+    return signal ? 128 + await signalNumber(signal) : code;
+  } finally {
+    await release();
+  }
 }
 
 /** The first argument of the detached process that holds ports. */
@@ -352,7 +442,7 @@ async function waitCommand(args: string[]): Promise<number> {
 
 /** `portpicker serve`: runs the server until SIGINT or SIGTERM. */
 async function serveCommand(args: string[]): Promise<number> {
-  const { values } = parse(args, {
+  const { values, positionals } = parse(args, {
     portserver_static_pool: { type: "string" },
     pool: { type: "string" },
     portserver_address: { type: "string" },
@@ -364,6 +454,9 @@ async function serveCommand(args: string[]): Promise<number> {
     verbose: { type: "boolean" },
     debug: { type: "boolean" },
   }, HELP.serve);
+  if (positionals.length > 0) {
+    throw new UsageError(`unexpected argument ${show(positionals[0])}`);
+  }
   const options: PortServerOptions = {
     address: values.address ?? values.portserver_address ??
       values.portserver_unix_socket_address,
@@ -371,8 +464,12 @@ async function serveCommand(args: string[]): Promise<number> {
     verbose: values.verbose || values.debug,
   };
   if (values.mode !== undefined) {
-    options.socketMode = /^[0-7]{1,4}$/.test(values.mode)
+    // Octal as typed; anything else, the library names as typed.
+    const mode = /^[0-7]{1,4}$/.test(values.mode)
       ? parseInt(values.mode, 8)
+      : NaN;
+    options.socketMode = mode <= 0o777
+      ? mode
       : values.mode as unknown as number;
   }
   if (values.timeout !== undefined) {
@@ -416,6 +513,15 @@ async function serveCommand(args: string[]): Promise<number> {
 
 /** A bad command line: printed as one line, exit 2. */
 class UsageError extends Error {}
+
+/** A command that `run` cannot start: one line, and the shell's status. */
+class CommandError extends Error {
+  readonly status: number;
+  constructor(message: string, status: number) {
+    super(message);
+    this.status = status;
+  }
+}
 
 /** `--help` on every command; Node's parser errors in our own words. */
 function parse<T extends NonNullable<ParseArgsConfig["options"]>>(
@@ -483,6 +589,7 @@ function show(text: string): string {
 
 /** What this file uses of Node's `process` (Bun has it too). */
 interface NodeProcess {
+  pid: number;
   argv: string[];
   getBuiltinModule(name: "node:fs"): typeof import("node:fs");
   execArgv: string[];
@@ -506,6 +613,93 @@ function print(text: string, status = 0): number {
 
 function parentPid(): number {
   return deno ? deno.ppid : node!.ppid;
+}
+
+function ownPid(): number {
+  return deno ? deno.pid : node!.pid;
+}
+
+/**
+ * Runs `command` with our stdio and `vars` added to our environment, passes
+ * SIGINT, SIGTERM and SIGHUP on to it, and resolves with how it ended. One
+ * that cannot be started is a {@linkcode CommandError}: 127 not found, 126
+ * not executable, as shells say.
+ */
+async function runChild(
+  command: string,
+  args: string[],
+  vars: Record<string, string>,
+): Promise<{ code: number; signal: string | null }> {
+  type Passed = "SIGINT" | "SIGTERM" | "SIGHUP";
+  const cannot = (error: unknown) => {
+    const code = (error as { code?: string }).code;
+    const why = code === "ENOENT"
+      ? "command not found"
+      : (error as Error).message;
+    return new CommandError(
+      `cannot run ${show(command)}: ${why}`,
+      code === "ENOENT" ? 127 : 126,
+    );
+  };
+  // Listening before the command starts: a signal that comes meanwhile must
+  // not kill us and leave the command running without its ports.
+  const early: Passed[] = [];
+  let kill = (signal: Passed): void => void early.push(signal);
+  const passOn = (["SIGINT", "SIGTERM", "SIGHUP"] as const).map((signal) =>
+    [signal, () => kill(signal)] as const
+  );
+  for (const [signal, handler] of passOn) {
+    if (deno) deno.addSignalListener(signal, handler);
+    else node!.on(signal, handler);
+  }
+  try {
+    let ended: Promise<{ code: number; signal: string | null }>;
+    if (deno) {
+      let child: Deno.ChildProcess;
+      try {
+        child = new deno.Command(command, { args, env: vars }).spawn();
+      } catch (error) {
+        throw cannot(error);
+      }
+      kill = (signal) => void child.kill(signal);
+      ended = child.status.then((s) => ({ code: s.code, signal: s.signal }));
+    } else {
+      const { spawn } = await import("node:child_process");
+      // Bun throws at once where Node emits "error".
+      const child = await new Promise<
+        import("node:child_process").ChildProcess
+      >((resolve, reject) => {
+        const child = spawn(command, args, {
+          stdio: "inherit",
+          env: { ...node!.env, ...vars },
+        });
+        child.once("spawn", () => resolve(child));
+        child.once("error", reject);
+      }).catch((error) => {
+        throw cannot(error);
+      });
+      kill = (signal) => void child.kill(signal);
+      ended = new Promise((resolve) =>
+        child.once(
+          "exit",
+          (code, signal) => resolve({ code: code ?? 0, signal }),
+        )
+      );
+    }
+    early.forEach(kill);
+    return await ended;
+  } finally {
+    for (const [signal, handler] of passOn) {
+      if (deno) deno.removeSignalListener(signal, handler);
+      else node!.off(signal, handler);
+    }
+  }
+}
+
+/** A signal's number, for the exit status of a command it ended. */
+async function signalNumber(name: string): Promise<number> {
+  const { constants } = await import("node:os");
+  return (constants.signals as Record<string, number>)[name] ?? 0;
 }
 
 /** An environment variable; on Deno without `--allow-env` for it, unset. */

@@ -72,7 +72,9 @@ export class NoFreePortFoundError extends Error {
     const [first, last] = range;
     super(
       wanted > 1
-        ? `Not enough free ports in ${first}-${last}: asked for ${wanted}, found ${tried}`
+        ? `Not enough free ports in ${first}-${last}: asked for ${wanted}, found ${tried} of its ${
+          last - first + 1
+        } ports`
         : `No free port found in ${first}-${last}: tried ${tried} of ${
           last - first + 1
         } ports`,
@@ -1062,9 +1064,14 @@ async function bindSocket(
     // reach of any catch: ask first.
     const where = `${hostname === "::" ? "[::]" : hostname}:${port}`;
     if (!granted({ name: "net", host: where })) {
-      throw Object.assign(new Error(`Requires net access to "${where}"`), {
-        name: "NotCapable",
-      });
+      throw Object.assign(
+        new Error(
+          `Requires net access to "${where}", run again with the --allow-net flag`,
+        ),
+        {
+          name: "NotCapable",
+        },
+      );
     }
   }
   if (proto === "tcp") {
@@ -1211,8 +1218,10 @@ function connectError(error: unknown): "refused" | "denied" | "unknown host" {
   if (["ENOTFOUND", "EAI_NONAME", "EAI_AGAIN"].includes(code)) {
     return "unknown host";
   }
-  // Deno names a host it cannot resolve only in the message.
-  if (/failed to lookup address|Name or service not known/i.test(`${error}`)) {
+  // Deno names a host it cannot resolve only in the message, and rejects a
+  // malformed one with a URIError.
+  const unknown = /failed to lookup|not known|name resolution/i;
+  if (name === "URIError" || unknown.test(`${error}`)) {
     return "unknown host";
   }
   return "refused";
@@ -1245,9 +1254,8 @@ function granted(descriptor: Deno.PermissionDescriptor): boolean {
 function readEnv(name: string): string | undefined {
   if (!deno) return node!.env[name] || undefined;
   // Asked once per variable: asking costs more than a pick.
-  return (envGranted[name] ??= granted({ name: "env", variable: name }))
-    ? deno.env.get(name) || undefined
-    : undefined;
+  envGranted[name] ??= granted({ name: "env", variable: name });
+  return envGranted[name] ? deno.env.get(name) || undefined : undefined;
 }
 
 const envGranted: Record<string, boolean> = {};

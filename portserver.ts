@@ -231,7 +231,10 @@ type Saved = [number, number, number, number, string?];
 
 /** Whether the process `pid` that started at `startTime` still lives. */
 const alive = (owner: { pid: number; startTime: number }) =>
-  processStartTime(owner.pid) === owner.startTime;
+  owner.startTime !== 0 && processStartTime(owner.pid) === owner.startTime;
+
+/** Init, which never gets a port, as in the Python server. */
+const INIT = 1;
 
 /** A first-in, first-out queue of numbers with O(1) steps. */
 class Queue {
@@ -529,7 +532,8 @@ function wellFormed(entry: unknown): entry is Saved {
   }
   const [port, pid, startTime, since = 0, label] = entry;
   return Number.isInteger(port) && port >= 1 && port <= 65535 &&
-    Number.isSafeInteger(pid) && Number.isSafeInteger(startTime) &&
+    Number.isSafeInteger(pid) && pid > INIT &&
+    Number.isSafeInteger(startTime) &&
     startTime >= 0 && typeof since === "number" && since >= 0 &&
     since <= 8.64e15 && (label === undefined || isLabel(label));
 }
@@ -754,7 +758,8 @@ class Server implements PortServer {
   #stopped: Promise<void> | undefined;
   #bytesInFlight = 0;
   #maxConnections: number;
-  #limited = new Map<string, { count: number }>();
+  /** Per kind of warning logged in the last interval: what it said, and how many more came. */
+  #limited = new Map<string, { message: string; count: number }>();
 
   constructor(options: ReturnType<typeof checkOptions>) {
     this.address = options.address;
@@ -781,19 +786,21 @@ class Server implements PortServer {
     const seen = this.#limited.get(key);
     if (seen) return void seen.count++;
     this.#options.log(formatLog("W", message));
-    const entry = { count: 0 };
-    this.#limited.set(key, entry);
-    unrefTimer(() => {
-      this.#limited.delete(key);
-      if (entry.count > 0) {
-        this.#options.log(formatLog(
-          "W",
-          `${message} (and ${entry.count} more like it in the last ${
-            LOG_INTERVAL_MS / 1000
-          } s)`,
-        ));
-      }
-    }, LOG_INTERVAL_MS);
+    this.#limited.set(key, { message, count: 0 });
+    unrefTimer(() => this.#repeats(key), LOG_INTERVAL_MS);
+  }
+
+  /** Logs how many more warnings of a kind came since it was logged. */
+  #repeats(key: string): void {
+    const entry = this.#limited.get(key);
+    this.#limited.delete(key);
+    if (!entry?.count) return;
+    this.#options.log(formatLog(
+      "W",
+      `${entry.message} (and ${entry.count} more like it in the last ${
+        LOG_INTERVAL_MS / 1000
+      } s)`,
+    ));
   }
 
   stats(): PortServerStats {
@@ -1067,12 +1074,12 @@ class Server implements PortServer {
     label?: string,
   ): Promise<number[] | string> {
     if (this.#options.verbose) this.#info(`Request on behalf of pid ${pid}.`);
-    const startTime = pid === 1 ? 0 : processStartTime(pid);
+    const startTime = pid === INIT ? 0 : processStartTime(pid);
     if (startTime === 0) {
       return this.#deny(
         pid <= 0
           ? `not allocating a port to invalid pid ${pid}`
-          : pid === 1
+          : pid === INIT
           ? "not allocating a port to init"
           : `not allocating a port to a non-existent process ${pid}`,
       );
@@ -1115,6 +1122,7 @@ class Server implements PortServer {
       await closing;
       await Promise.all(this.#running);
       await this.#state?.flush();
+      for (const key of [...this.#limited.keys()]) this.#repeats(key);
       this.logStats();
       this.#info("Goodbye.");
     })();

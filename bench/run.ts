@@ -1,7 +1,7 @@
 /**
  * The bench: picking, exhaustion, the port server, start-up and memory, ours
- * against Debian's python3-portpicker, get-port and the runtime's own limit
- * (a trivial reply server), all in one run on one machine. Writes
+ * against Debian's python3-portpicker, get-port and the runtime's own sockets
+ * (bench/trivial.ts), all in one run on one machine. Writes
  * DIR/results.md and DIR/chart.svg, and prints the markdown.
  *
  * Usage: deno task bench
@@ -53,13 +53,10 @@ for (const name of ["deno", "bun", "node"]) {
 }
 /** A command line from words; the first names a tool. */
 const sh = (line: string) => line.split(" ").map((w) => TOOLS[w] ?? w);
-const DENO_PICK = "deno run -A --unstable-net --no-config bench/pick.ts";
-/** What a JSR user gets with `deno test --allow-net`: no `--unstable-net`. */
-const DENO_STABLE = "deno run --allow-net --allow-env --allow-read --no-config";
-/** With --unstable-net but no FFI: Deno's own sockets for both halves. */
-const DENO_NET = `${DENO_STABLE} --unstable-net`;
-/** The lean server: V8 without its optimizing compilers, a small young generation. */
-const DENO_LEAN = "--v8-flags=--max-semi-space-size=1,--no-opt,--no-maglev";
+/** What a JSR user gets with `deno test --allow-net`, with and without `--unstable-net`. */
+const DENO_PICK =
+  "deno run --allow-net --unstable-net --no-config bench/pick.ts";
+const DENO_STABLE_PICK = "deno run --allow-net --no-config bench/pick.ts";
 const tmp = fs.mkdtempSync(join(os.tmpdir(), "portpicker-bench-"));
 const LOAD = join(tmp, "load");
 
@@ -93,13 +90,7 @@ fs.writeFileSync(IDLE, 'console.log("Serving on"); setTimeout(() => {}, 1e9);');
 const SERVE: Record<string, (address: string, pool: string) => string[]> = {
   deno: (a, p) =>
     sh(`deno run -A --unstable-net cli.ts serve --pool ${p} --address ${a}`),
-  "deno-lean": (a, p) =>
-    sh(
-      `deno run -A --unstable-net ${DENO_LEAN} cli.ts serve --pool ${p} --address ${a}`,
-    ),
   bun: (a, p) => sh(`bun cli.ts serve --pool ${p} --address ${a}`),
-  "bun-lean": (a, p) =>
-    sh(`bun --smol cli.ts serve --pool ${p} --address ${a}`),
   python: (a, p) =>
     sh(`python3 /usr/bin/portserver --portserver_address=${a}`)
       .concat(`--portserver_static_pool=${p}`),
@@ -210,8 +201,9 @@ type Measure = (kind: string) => Promise<unknown>;
 async function repeat(what: string, reps: number, kinds: string[], m: Measure) {
   for (let rep = 1; rep <= reps; rep++) {
     for (const kind of kinds) {
-      log(`${what}, ${kind}, run ${rep}`);
-      await attempt(`${what}, ${kind}, run ${rep}`, () => m(kind));
+      const name = `${what}, ${kind}${reps > 1 ? `, run ${rep}` : ""}`;
+      log(name);
+      await attempt(name, () => m(kind));
     }
   }
 }
@@ -307,8 +299,7 @@ const BENCHES: Record<Section, () => Promise<void>> = {
   async pick() {
     const commands: Record<string, string[]> = {
       deno: sh(`${DENO_PICK} ${picks}`),
-      "deno-net": sh(`${DENO_NET} bench/pick.ts ${picks}`),
-      "deno-stable": sh(`${DENO_STABLE} bench/pick.ts ${picks}`),
+      "deno-stable": sh(`${DENO_STABLE_PICK} ${picks}`),
       bun: sh(`bun bench/pick.ts ${picks}`),
       node: sh(`node bench/pick.ts ${picks}`),
       python: [...PYTHON, "pick", String(picks)],
@@ -337,7 +328,7 @@ const BENCHES: Record<Section, () => Promise<void>> = {
    * 3. The port server. Each cell: live processes A and B fill a fresh
    * server's pool, A taking the held share, interleaved; B dies, so that its
    * ports are reclaimable and A's are not; then the timed requests, for C.
-   * Then the trivial reply servers, timed alike, with no pool.
+   * Then the runtime's own sockets (trivial.ts), timed alike, with no pool.
    */
   async server() {
     const spec = await freePool("server", pool, 5000);
@@ -353,12 +344,15 @@ const BENCHES: Record<Section, () => Promise<void>> = {
             await b.stop();
             await measure(s, c.pid, n);
           });
-          const what = `server, ${o} % held, ${n} clients`;
+          const what = `server, run ${rep}, ${o} % held, ${n} clients`;
           await repeat(what, 1, SERVERS, cell);
         }
       }
-      const limit = served("", "/0/16", (s) => measure(s, c.pid, 16));
-      await repeat(`trivial reply server, run ${rep}:`, 1, trivial, limit);
+      for (const n of report.CONCURRENCIES) {
+        const limit = served("", `/0/${n}`, (s) => measure(s, c.pid, n));
+        const what = `own sockets, run ${rep}, ${n} clients`;
+        await repeat(what, 1, trivial, limit);
+      }
     }
     await Promise.all([a.stop(), c.stop()]);
   },

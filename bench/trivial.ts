@@ -1,8 +1,11 @@
 /**
- * The trivial reply server, the runtime's own limit: on Deno or Bun, it
- * listens where the port server would (an abstract Unix socket, `@name`),
- * reads a line and replies `15000\n`, through the runtime's native socket API
- * (`Deno.listen`, `Bun.listen`), and imports nothing.
+ * The runtime's own sockets: the least any correct port server on Deno or Bun
+ * can do. It listens where the port server would (an abstract Unix socket,
+ * `@name`), reads a line, binds one TCP and one UDP socket on the wildcard
+ * address (port 0) and closes them at once, as a check of a port does, then
+ * replies `15000\n`; all through the runtime's native API (`Deno.listen` and
+ * `Deno.listenDatagram`, which need `--unstable-net`; `Bun.listen` and
+ * `Bun.udpSocket`), importing nothing.
  *
  * Usage: trivial.ts @name
  */
@@ -11,14 +14,27 @@
 const bun = (globalThis as any).Bun;
 const address: string = bun ? bun.argv[2] : Deno.args[0];
 const path = `\0${address.slice(1)}`;
+const [hostname, port] = ["0.0.0.0", 0];
 const reply = new TextEncoder().encode("15000\n");
 
-/** On Deno: reads to the first newline, then replies and closes. */
+/** One TCP and one UDP bind, each closed at once. */
+async function bindBoth(): Promise<void> {
+  if (bun) {
+    bun.listen({ hostname, port, socket: { data() {} } }).stop(true);
+    (await bun.udpSocket({ hostname, port })).close();
+  } else {
+    Deno.listen({ hostname, port }).close();
+    Deno.listenDatagram({ hostname, port, transport: "udp" }).close();
+  }
+}
+
+/** On Deno: reads to the first newline, binds, then replies and closes. */
 async function serve(conn: Deno.UnixConn): Promise<void> {
   const buffer = new Uint8Array(64);
   try {
     for (let n; (n = await conn.read(buffer)) !== null;) {
       if (buffer.subarray(0, n).includes(10)) {
+        await bindBoth();
         await conn.write(reply);
         break;
       }
@@ -28,8 +44,10 @@ async function serve(conn: Deno.UnixConn): Promise<void> {
 }
 
 type BunSocket = { end(data: string): void };
+/** On Bun: at the newline, binds, then replies (or closes, on an error). */
 const data = (s: BunSocket, chunk: Uint8Array) =>
-  chunk.includes(10) && s.end("15000\n");
+  chunk.includes(10) &&
+  bindBoth().then(() => s.end("15000\n"), () => s.end(""));
 const listener = bun
   ? bun.listen({ unix: path, socket: { data } })
   : Deno.listen({ transport: "unix", path });

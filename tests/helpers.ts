@@ -420,10 +420,9 @@ export function tempDir(
 /** The command that runs a script at an absolute path on the runtime running the test. */
 export function scriptCommand(path: string): string[] {
   if (RUNTIME === "deno") {
-    // The suite without --unstable-net is what `deno test --allow-net`
-    // gives: no FFI either.
+    // The suite without --unstable-net is what `deno test --allow-net` gives.
     const flags = process.env.PORTPICKER_TEST_NO_UNSTABLE
-      ? ["--deny-ffi"]
+      ? []
       : ["--unstable-net"];
     return [g.Deno.execPath(), "run", "-A", "--no-config", ...flags, path];
   }
@@ -680,7 +679,7 @@ export function scriptCommandAllowing(
 ): string[] {
   if (RUNTIME !== "deno") return [process.execPath, path];
   const flags = process.env.PORTPICKER_TEST_NO_UNSTABLE
-    ? ["--deny-ffi"]
+    ? []
     : ["--unstable-net"];
   return [
     g.Deno.execPath(),

@@ -168,7 +168,9 @@ const runnable = suites.filter((suite) =>
   // No file for this suite under the filter: deno test would run them all.
   suite.command.some((arg) => arg.endsWith(".test.ts"))
 );
-const results = await Promise.all(runnable.map(async (suite, slot) => {
+const results = await Promise.all(runnable.map(async (suite) => {
+  // A region per suite, whichever suites the filter leaves.
+  const slot = suites.indexOf(suite);
   // Each runtime's tests take their ports from a region of their own.
   suite.env = { ...suite.env, PORTPICKER_TEST_SLOT: String(slot) };
   const output = await runSuite(suite);
