@@ -492,7 +492,7 @@ test("-n 2 in a range of 1 free port says the range has fewer free ports than as
   assert.equal(result.stdout, "");
   assert.equal(
     result.stderr,
-    `portpicker: Not enough free ports in ${port}-${port}: asked for 2, found 1\n`,
+    `portpicker: Not enough free ports in ${port}-${port}: asked for 2, found 1 of its 1 ports\n`,
   );
 });
 
