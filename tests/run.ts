@@ -49,7 +49,7 @@ const deno = tool("deno");
 const suites: Suite[] = [
   {
     name: "deno",
-    command: [deno, "test", "-A", "--unstable-net", "--parallel", ...files],
+    command: [deno, "test", "-A", "--unstable-net", ...files],
     count: denoCount,
   },
   {
