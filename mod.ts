@@ -111,11 +111,15 @@ export interface PickOptions {
   exclude?: Iterable<number>;
   /**
    * A directory shared by processes that must never get the same port, with
-   * no port server: each port picked here is claimed with a file in it.
-   * Defaults to the `PORTPICKER_LOCK_DIR` environment variable; without
-   * either, no claims are made.
+   * no port server: each port picked here is claimed with a file in it, for
+   * `pid`, until that process ends or returns the port. Defaults to the
+   * `PORTPICKER_LOCK_DIR` environment variable, else to a directory of this
+   * user's (`$XDG_RUNTIME_DIR/portpicker`, else `portpicker-<uid>` in the
+   * temporary directory), so that one user's processes never share a port.
+   * `false`, or an empty `PORTPICKER_LOCK_DIR`, makes no claims. On Deno the
+   * default directory is used only with `-A` (Deno reads `/proc` only then).
    */
-  lockDir?: string;
+  lockDir?: string | false;
   /**
    * Stored with the allocation by this project's port server (shown by its
    * status request); ignored by the Python server. Printable ASCII, no
@@ -1252,10 +1256,54 @@ function granted(descriptor: Deno.PermissionDescriptor): boolean {
  * without `--allow-env` for it, undefined too: no prompt, no warning.
  */
 function readEnv(name: string): string | undefined {
-  if (!deno) return node!.env[name] || undefined;
+  if (!deno) return node!.env[name];
   // Asked once per variable: asking costs more than a pick.
   envGranted[name] ??= granted({ name: "env", variable: name });
-  return envGranted[name] ? deno.env.get(name) || undefined : undefined;
+  return envGranted[name] ? deno.env.get(name) : undefined;
+}
+
+/**
+ * This user's lock directory: `$XDG_RUNTIME_DIR/portpicker`, else
+ * `portpicker-<uid>` in the temporary directory; made mode 0700. Undefined
+ * where the runtime may not use it (Deno without `-A`), silently, or where
+ * it is not this user's own directory, with one line on stderr.
+ */
+function userLockDir(): string | undefined {
+  if (deno && (!granted({ name: "read" }) || !granted({ name: "write" }))) {
+    return undefined;
+  }
+  let dir: string;
+  try {
+    // What claims need: a start time from /proc (Deno: -A), and a uid.
+    processStartTime(ownPid());
+    const uid = deno ? deno.uid() : host.process.getuid?.();
+    const runtime = readEnv("XDG_RUNTIME_DIR");
+    dir = runtime
+      ? `${runtime}/portpicker`
+      : `${deno ? readEnv("TMPDIR") || "/tmp" : tmpdir()}/portpicker-${uid}`;
+    try {
+      files.mkdir(dir, false, 0o700);
+    } catch (error) {
+      if (errorCode(error) !== "EEXIST") throw error;
+    }
+    const info = files.lstat(dir);
+    const why = info.symlink
+      ? "it is a symlink"
+      : !info.directory
+      ? "it is not a directory"
+      : uid !== undefined && info.uid !== uid
+      ? `it belongs to uid ${info.uid}, not ${uid}`
+      : undefined;
+    if (why === undefined) return dir;
+    console.error(`portpicker: not claiming ports in ${dir}: ${why}`);
+  } catch { /* no permission, no such place: picking goes on without claims */ }
+  return undefined;
+}
+
+let userLockDirOnce: { dir: string | undefined } | undefined;
+
+function tmpdir(): string {
+  return host.process.getBuiltinModule("node:os").tmpdir();
 }
 
 const envGranted: Record<string, boolean> = {};
@@ -1288,9 +1336,26 @@ const files = {
     if (deno) deno.renameSync(from, to);
     else fs().renameSync(from, to);
   },
-  mkdir(path: string, recursive = false): void {
-    if (deno) deno.mkdirSync(path, { recursive });
-    else fs().mkdirSync(path, { recursive });
+  mkdir(path: string, recursive = false, mode = 0o777): void {
+    if (deno) deno.mkdirSync(path, { recursive, mode });
+    else fs().mkdirSync(path, { recursive, mode });
+  },
+  /** What a path is, without following a symlink. */
+  lstat(path: string): { symlink: boolean; directory: boolean; uid: number } {
+    if (deno) {
+      const info = deno.lstatSync(path);
+      return {
+        symlink: info.isSymlink,
+        directory: info.isDirectory,
+        uid: info.uid ?? -1,
+      };
+    }
+    const info = fs().lstatSync(path);
+    return {
+      symlink: info.isSymbolicLink(),
+      directory: info.isDirectory(),
+      uid: info.uid,
+    };
   },
   /** Removes a file or an empty directory; nothing there is fine. */
   remove(path: string): void {
@@ -1631,6 +1696,8 @@ interface Plan {
   rangeGiven: boolean;
   exclude: Set<number>;
   lockDir: string | undefined;
+  /** Whether the lock directory was asked for (else it is the user's). */
+  lockDirAsked: boolean;
   label: string | undefined;
   reusePort: boolean;
 }
@@ -1661,12 +1728,26 @@ function plan(options: ReserveOptions | undefined): Plan {
     range: o.range === undefined ? DEFAULT_RANGE : checkRange(o.range),
     rangeGiven: o.range !== undefined,
     exclude: new Set(portList(o.exclude, "excluded port", false)),
-    lockDir: o.lockDir !== undefined
-      ? checkLockDir(o.lockDir)
-      : readEnv("PORTPICKER_LOCK_DIR"),
+    ...lockDirOf(o.lockDir),
     label: o.label === undefined ? undefined : checkLabel(o.label),
     reusePort: o.reusePort ?? false,
   };
+}
+
+/** The lock directory of a call: the option, the variable, or the user's. */
+function lockDirOf(
+  option: string | false | undefined,
+): { lockDir: string | undefined; lockDirAsked: boolean } {
+  if (option === false) return { lockDir: undefined, lockDirAsked: true };
+  if (option !== undefined) {
+    return { lockDir: checkLockDir(option), lockDirAsked: true };
+  }
+  const env = readEnv("PORTPICKER_LOCK_DIR");
+  if (env !== undefined) {
+    return { lockDir: env || undefined, lockDirAsked: true };
+  }
+  userLockDirOnce ??= { dir: userLockDir() };
+  return { lockDir: userLockDirOnce.dir, lockDirAsked: false };
 }
 
 /** Whether `port` may be handed out by this call (ignoring what is given). */
@@ -1701,7 +1782,10 @@ async function take(
   if (!checked && !(await isFree(port))) return undefined;
   const release = hold ? await holdPort(port, p.reusePort) : NOTHING_HELD;
   if (!release) return undefined;
-  if (p.lockDir !== undefined && !claimPort(p.lockDir, port, p.pid)) {
+  if (
+    p.lockDir !== undefined &&
+    !claimPort(p.lockDir, port, p.pid ?? ownPid(), p.lockDirAsked)
+  ) {
     await release();
     return undefined;
   }
@@ -1868,8 +1952,15 @@ function onFile<T>(doing: string, path: string, f: () => T): T {
  * fails if the file exists). A stale claim is taken over under a per-port
  * lock, by renaming over it, so that a live claim is never lost.
  */
-function claimPort(dir: string, port: number, pid = ownPid()): boolean {
+function claimPort(
+  dir: string,
+  port: number,
+  pid: number,
+  asked: boolean,
+): boolean {
   const startTime = processStartTime(pid);
+  // In the user's own directory, nobody asked: a dead pid just gets none.
+  if (startTime === 0 && !asked) return true;
   if (startTime === 0) {
     throw new Error(
       `Cannot claim port ${port} for pid ${pid}: no such process`,
