@@ -1361,7 +1361,8 @@ const files = {
   remove(path: string): void {
     try {
       if (deno) deno.removeSync(path);
-      else fs().rmSync(path, { recursive: true });
+      else if (path.endsWith(".takeover")) fs().rmdirSync(path);
+      else fs().unlinkSync(path);
     } catch (error) {
       if (errorCode(error) !== "ENOENT") throw error;
     }

@@ -29,6 +29,11 @@ export const PICKERS = {
   "deno-stable": "ours, `pickUnusedPort` on Deno without `--unstable-net`",
   bun: "ours, `pickUnusedPort` on Bun",
   node: "ours, `pickUnusedPort` on Node",
+  "deno-claims":
+    "ours on Deno (`-A`), claiming each port in the user's lock directory",
+  "bun-claims": "ours on Bun, claiming each port in the user's lock directory",
+  "node-claims":
+    "ours on Node, claiming each port in the user's lock directory",
   python: "Python `portpicker.pick_unused_port`",
   getport: "`get-port` on Node",
 };
@@ -229,6 +234,7 @@ const TEXT: Record<Section, (results: Results, f: Figures) => string[]> = {
     return [
       `Ports per second, no port server: ${n} picks in one process after 20 warm-up picks, the process timing itself (start-up excluded). Ratios: ours ÷ theirs, above 1 means ours picks faster. Every check binds through the runtime's own sockets: on Deno, what a JSR user gets with \`deno test --allow-net\` (here \`deno run --allow-net --no-config\`), with \`--unstable-net\` (on the command line or in their \`deno.json\`) \`Deno.listen\` and \`Deno.listenDatagram\`, without it \`Deno.listen\` and \`node:dgram\`; on Bun, \`Bun.listen\` and \`Bun.udpSocket\`; on Node, \`node:net\` and \`node:dgram\`.`,
       `Checks per second: the same process then checks one free port ${n} times (\`isPortFree\`, Python's \`is_port_free\`). Every pick needs at least one check, since a port is free only when it binds on both TCP and UDP, so a runtime's check rate is the most its picker could reach; the last column is that ceiling ÷ Python's picking rate. Ours binds once a protocol where the host is dual-stack, Python once a protocol and family.`,
+      `The rows above run with \`PORTPICKER_LOCK_DIR=\` (no claims), as Python makes none. The "claiming" rows show what uniqueness across processes costs: with no lock directory set, each port is claimed with a file in the user's own directory (here \`portpicker-<uid>\` in the temporary directory: \`$XDG_RUNTIME_DIR\` is unset), and the claims are removed at exit.`,
       table(head, rows),
     ];
   },

@@ -114,8 +114,14 @@ const lastLines = (text: string, count = 5) =>
 // ---------------------------------------------------------------------------
 // Processes: every child is tracked, so that none outlives the bench.
 
-/** No child may ask a port server the bench did not start. */
-const env = { ...process.env };
+/**
+ * No child may ask a port server the bench did not start, nor claim ports
+ * (as Python does not), but the rows that measure claims.
+ */
+const env: Record<string, string | undefined> = {
+  ...process.env,
+  PORTPICKER_LOCK_DIR: "",
+};
 delete env.PORTSERVER_ADDRESS;
 const live = new Set<ChildProcess>();
 const track = (child: ChildProcess) => {
@@ -302,6 +308,25 @@ const BENCHES: Record<Section, () => Promise<void>> = {
       "deno-stable": sh(`${DENO_STABLE_PICK} ${picks}`),
       bun: sh(`bun bench/pick.ts ${picks}`),
       node: sh(`node bench/pick.ts ${picks}`),
+      // `env -u`: the user's lock directory, as with no set-up at all.
+      "deno-claims": [
+        "env",
+        "-u",
+        "PORTPICKER_LOCK_DIR",
+        ...sh(`deno run -A --unstable-net --no-config bench/pick.ts ${picks}`),
+      ],
+      "bun-claims": [
+        "env",
+        "-u",
+        "PORTPICKER_LOCK_DIR",
+        ...sh(`bun bench/pick.ts ${picks}`),
+      ],
+      "node-claims": [
+        "env",
+        "-u",
+        "PORTPICKER_LOCK_DIR",
+        ...sh(`node bench/pick.ts ${picks}`),
+      ],
       python: [...PYTHON, "pick", String(picks)],
       getport: sh(`node bench/pick.ts getport ${picks}`),
     };

@@ -632,9 +632,11 @@ test(
   async () => {
     const ns = await privateNetwork(RESERVED);
     const dir = tempDir();
+    // No claims: the user's lock directory is the host's, and the other
+    // runtimes' suites use the same ports in namespaces of their own.
     const env = {
       PORTSERVER_ADDRESS: undefined,
-      PORTPICKER_LOCK_DIR: undefined,
+      PORTPICKER_LOCK_DIR: "",
     };
     let server: Proc | undefined;
     try {

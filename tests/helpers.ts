@@ -123,7 +123,13 @@ export function runCli(
 ): Promise<RunResult> {
   return run([...runtimeCommand("cli.ts"), ...args], {
     ...options,
-    env: { PORTSERVER_ADDRESS: undefined, ...options.env },
+    // No claims in the user's lock directory unless a test asks: the CLI
+    // claims for its parent, this test process, which outlives the test.
+    env: {
+      PORTSERVER_ADDRESS: undefined,
+      PORTPICKER_LOCK_DIR: "",
+      ...options.env,
+    },
   });
 }
 
@@ -706,7 +712,11 @@ export function runCliAllowing(
 ): Promise<RunResult> {
   return run([...cliCommandAllowing(denoFlags), ...args], {
     ...options,
-    env: { PORTSERVER_ADDRESS: undefined, ...options.env },
+    env: {
+      PORTSERVER_ADDRESS: undefined,
+      PORTPICKER_LOCK_DIR: "",
+      ...options.env,
+    },
   });
 }
 

@@ -5,16 +5,31 @@
  */
 
 import assert from "node:assert/strict";
-import { existsSync, readdirSync, writeFileSync } from "node:fs";
+import {
+  chownSync,
+  existsSync,
+  mkdirSync,
+  readdirSync,
+  rmSync,
+  statSync,
+  symlinkSync,
+  writeFileSync,
+} from "node:fs";
 import { join } from "node:path";
 import { test } from "node:test";
 import {
   exitCodeOf,
   freeRange,
+  MOD_URL,
+  releaseRange,
+  run,
   runCli,
+  RUNTIME,
   runtimeCommand,
+  scriptCommand,
   start,
   tempDir,
+  tool,
   uniqueName,
 } from "./helpers.ts";
 import { poolSpec, randomPool, startServer } from "./server_helpers.ts";
@@ -194,5 +209,130 @@ test("run: with a port server, the ports are a lease that ends with run, even wh
     assert.equal(after.allocated, 0);
   } finally {
     await server.stop();
+  }
+});
+
+// ---------------------------------------------------------------------------
+// Unique across processes with no set-up: the user's lock directory.
+
+/** A script that picks `count` ports of `range`, prints them, and lives until its stdin ends. */
+const PICK_AND_WAIT = (count: number, range: [number, number]) => `
+import process from "node:process";
+import { pickUnusedPorts } from ${JSON.stringify(MOD_URL)};
+const ports = await pickUnusedPorts(${count}, { range: [${range[0]}, ${
+  range[1]
+}] });
+console.log(ports.join(" "));
+for await (const _ of process.stdin) break;
+`;
+
+test("with no configuration, living processes on Deno, Bun and Node never share a port of one small range", async () => {
+  const dir = tempDir();
+  try {
+    const range = await freeRange(40);
+    const script = join(dir.path, "pick.mts");
+    writeFileSync(script, PICK_AND_WAIT(4, range));
+    const env = {
+      XDG_RUNTIME_DIR: dir.path,
+      PORTPICKER_LOCK_DIR: undefined,
+      PORTSERVER_ADDRESS: undefined,
+    };
+    const commands = [
+      [tool("deno"), "run", "-A", "--no-config", script],
+      [tool("bun"), script],
+      [tool("node"), script],
+    ];
+    // One after another, each alive until the end: 9 processes, 36 ports.
+    const procs = [];
+    for (let i = 0; i < 9; i++) {
+      const proc = start(commands[i % 3], env);
+      procs.push(proc);
+      await proc.waitFor(/^\d+ \d+ \d+ \d+\n/);
+    }
+    const ports = procs.flatMap((p) =>
+      p.stdout().trim().split(" ").map(Number)
+    );
+    assert.equal(ports.length, 36);
+    assert.equal(new Set(ports).size, 36, `shared: ${ports.join(" ")}`);
+    assert.equal(readdirSync(join(dir.path, "portpicker")).length, 36);
+    for (const proc of procs) proc.child.stdin!.end();
+    for (const proc of procs) {
+      assert.equal(await proc.stop("SIGCONT"), 0, proc.stderr());
+    }
+    // A normal exit removes a process's claims.
+    assert.deepEqual(readdirSync(join(dir.path, "portpicker")), []);
+    releaseRange(range);
+  } finally {
+    dir.remove();
+  }
+});
+
+test("the user's lock directory: a file, a symlink or another user's directory in its place is refused in one line, and picking goes on", async () => {
+  const dir = tempDir();
+  try {
+    const place = join(dir.path, "portpicker");
+    const elsewhere = join(dir.path, "elsewhere");
+    mkdirSync(elsewhere);
+    const plants: [string, () => void, RegExp][] = [
+      ["a file", () => writeFileSync(place, "x"), /it is not a directory/],
+      ["a symlink", () => symlinkSync(elsewhere, place), /it is a symlink/],
+      [
+        "another user's directory",
+        () => (mkdirSync(place), chownSync(place, 65534, 65534)),
+        /it belongs to uid 65534, not \d+/,
+      ],
+    ];
+    for (const [what, plant, why] of plants) {
+      rmSync(place, { recursive: true, force: true });
+      plant();
+      const result = await runCli([String(process.pid)], {
+        env: { XDG_RUNTIME_DIR: dir.path, PORTPICKER_LOCK_DIR: undefined },
+      });
+      assert.equal(result.code, 0, `${what}: ${result.stderr}`);
+      assert.match(result.stdout, /^\d+\n$/, what);
+      assert.match(
+        result.stderr,
+        new RegExp(
+          `^portpicker: not claiming ports in ${place}: ${why.source}\\n$`,
+        ),
+        what,
+      );
+      assert.deepEqual(readdirSync(elsewhere), [], `${what}: nothing claimed`);
+    }
+  } finally {
+    dir.remove();
+  }
+});
+
+test("an empty PORTPICKER_LOCK_DIR, or lockDir: false, makes no claims; the user's directory is made mode 0700", async () => {
+  const dir = tempDir();
+  try {
+    const script = join(dir.path, "pick.mts");
+    writeFileSync(
+      script,
+      `
+import { pickUnusedPort } from ${JSON.stringify(MOD_URL)};
+await pickUnusedPort({ lockDir: false });
+console.log("picked");
+`,
+    );
+    const env = { XDG_RUNTIME_DIR: dir.path, PORTPICKER_LOCK_DIR: undefined };
+    const off = await run(scriptCommand(script), { env });
+    assert.equal(off.stdout, "picked\n", off.stderr);
+    const empty = await runCli([String(process.pid)], {
+      env: { ...env, PORTPICKER_LOCK_DIR: "" },
+    });
+    assert.equal(empty.code, 0, empty.stderr);
+    assert.ok(
+      !existsSync(join(dir.path, "portpicker")),
+      "no claim, no directory",
+    );
+    const claimed = await runCli([String(process.pid)], { env });
+    assert.equal(claimed.code, 0, claimed.stderr);
+    const place = join(dir.path, "portpicker");
+    assert.equal(statSync(place).mode & 0o777, 0o700);
+    assert.deepEqual(readdirSync(place), [`${claimed.stdout.trim()}.claim`]);
+  } finally {
+    dir.remove();
   }
 });
