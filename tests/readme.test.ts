@@ -389,6 +389,7 @@ const VALUE_FLAGS = [
   "--portserver",
   "--label",
   "--lock-dir",
+  "--env",
   "--pid",
   "--timeout",
   "--host",
@@ -535,6 +536,15 @@ async function runShell(block: Block): Promise<void> {
             `${what}: the claim of ${port} is gone`,
           );
         }
+      } else if (sub === "run") {
+        // One distinct port per --env name, as the command printed them.
+        const names = (flag(args, "--env") ?? "PORT").split(",");
+        const ports = stdout.trim().split(/\s+/).map(Number);
+        assert.ok(
+          ports.every((p) => p >= 1 && p <= 65535),
+          `${what}: ${stdout}`,
+        );
+        assert.equal(new Set(ports).size, names.length, `${what}: ${stdout}`);
       } else if (!["serve", "wait", "-h", "--help", "-V"].includes(sub)) {
         checkPick(args, stdout, shell.pid);
       }
