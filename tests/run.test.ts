@@ -24,7 +24,6 @@ import {
   releaseRange,
   run,
   runCli,
-  RUNTIME,
   runtimeCommand,
   scriptCommand,
   start,
