@@ -804,24 +804,26 @@ class Server implements PortServer {
   }
 
   stats(): PortServerStats {
+    // In the Python server's order: logStats prints them so.
+    const { clientRequestErrors, deniedAllocations } = this.#counters;
     return {
-      ...this.#counters,
+      clientRequestErrors,
+      deniedAllocations,
       numPortsManaged: this.#pool.size,
+      numPortsCheckedForLastRequest:
+        this.#counters.numPortsCheckedForLastRequest,
+      totalAllocations: this.#counters.totalAllocations,
       numPortsAllocated: this.#pool.allocated,
     };
   }
 
   logStats(): void {
-    const s = this.stats();
     this.#info("Dumping statistics:");
-    this.#info(`client-request-errors ${s.clientRequestErrors}`);
-    this.#info(`denied-allocations ${s.deniedAllocations}`);
-    this.#info(`num-ports-managed ${s.numPortsManaged}`);
-    this.#info(
-      `num-ports-checked-for-last-request ${s.numPortsCheckedForLastRequest}`,
-    );
-    this.#info(`total-allocations ${s.totalAllocations}`);
-    this.#info(`num-ports-allocated ${s.numPortsAllocated}`);
+    for (const [name, value] of Object.entries(this.stats())) {
+      this.#info(
+        `${name.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)} ${value}`,
+      );
+    }
   }
 
   async open(): Promise<void> {
