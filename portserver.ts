@@ -760,6 +760,7 @@ class Server implements PortServer {
   #maxConnections: number;
   /** Per kind of warning logged in the last interval: what it said, and how many more came. */
   #limited = new Map<string, { message: string; count: number }>();
+  #startTimes = new Map<number, { startTime: number; at: number }>();
 
   constructor(options: ReturnType<typeof checkOptions>) {
     this.address = options.address;
@@ -1055,6 +1056,23 @@ class Server implements PortServer {
     return { reply: okReply(ports) };
   }
 
+  /**
+   * A requester's start time, read at most once per pid in 50 ms: reading
+   * /proc is a sixth of a request, and the bench's floor (3x Python's
+   * requests per second) is not met without this. A pid names another
+   * process only once the kernel has gone round every other pid, never in
+   * 50 ms; whether a holder died is always read afresh (`alive`).
+   */
+  #startTime(pid: number): number {
+    const now = performance.now();
+    const kept = this.#startTimes.get(pid);
+    if (kept && now - kept.at < 50) return kept.startTime;
+    const startTime = processStartTime(pid);
+    if (this.#startTimes.size >= 1000) this.#startTimes.clear();
+    this.#startTimes.set(pid, { startTime, at: now });
+    return startTime;
+  }
+
   #deny(why: string): string {
     this.#counters.deniedAllocations++;
     this.#info(`Denied: ${why}.`);
@@ -1076,7 +1094,7 @@ class Server implements PortServer {
     label?: string,
   ): Promise<number[] | string> {
     if (this.#options.verbose) this.#info(`Request on behalf of pid ${pid}.`);
-    const startTime = pid === INIT ? 0 : processStartTime(pid);
+    const startTime = pid === INIT ? 0 : this.#startTime(pid);
     if (startTime === 0) {
       return this.#deny(
         pid <= 0
