@@ -133,11 +133,15 @@ export function runCli(
   });
 }
 
-/** Exit `code`, nothing on stdout, one line on stderr, no stack trace. */
+/**
+ * Exit `code`, nothing on stdout, one line on stderr (`portpicker: …`, or
+ * `portpicker COMMAND: …`), no stack trace.
+ */
 export function assertOneLineError(
   result: RunResult,
   code: number,
   what: string,
+  command?: string,
 ): void {
   assert.equal(
     result.code,
@@ -147,7 +151,7 @@ export function assertOneLineError(
   assert.equal(result.stdout, "", what);
   assert.match(
     result.stderr,
-    /^portpicker: [^\n]+\n$/,
+    new RegExp(`^portpicker${command ? ` ${command}` : ""}: [^\\n]+\\n$`),
     `${what}: ${result.stderr}`,
   );
   assert.doesNotMatch(result.stderr, /^\s+at /m, what);
@@ -650,28 +654,14 @@ export async function waitUntil(
   }
 }
 
-/**
- * Like {@linkcode assertOneLineError}, for a subcommand's error: one line
- * starting `portpicker COMMAND: `.
- */
+/** {@linkcode assertOneLineError} for a subcommand: `portpicker COMMAND: …`. */
 export function assertSubcommandError(
   result: RunResult,
   code: number,
   command: string,
   what: string,
 ): void {
-  assert.equal(
-    result.code,
-    code,
-    `${what}: exit ${result.code} ${result.stderr}`,
-  );
-  assert.equal(result.stdout, "", what);
-  assert.match(
-    result.stderr,
-    new RegExp(`^portpicker ${command}: [^\\n]+\\n$`),
-    `${what}: ${result.stderr}`,
-  );
-  assert.doesNotMatch(result.stderr, /^\s+at /m, what);
+  assertOneLineError(result, code, what, command);
 }
 
 /**
