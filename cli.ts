@@ -645,13 +645,11 @@ async function runChild(
   // not kill us and leave the command running without its ports.
   const early: Passed[] = [];
   let kill = (signal: Passed): void => void early.push(signal);
-  const passOn = (["SIGINT", "SIGTERM", "SIGHUP"] as const).map((signal) =>
-    [signal, () => kill(signal)] as const
-  );
-  for (const [signal, handler] of passOn) {
-    if (deno) deno.addSignalListener(signal, handler);
-    else node!.on(signal, handler);
-  }
+  const off = onSignals({
+    SIGINT: () => kill("SIGINT"),
+    SIGTERM: () => kill("SIGTERM"),
+    SIGHUP: () => kill("SIGHUP"),
+  });
   try {
     let ended: Promise<{ code: number; signal: string | null }>;
     if (deno) {
@@ -689,10 +687,7 @@ async function runChild(
     early.forEach(kill);
     return await ended;
   } finally {
-    for (const [signal, handler] of passOn) {
-      if (deno) deno.removeSignalListener(signal, handler);
-      else node!.off(signal, handler);
-    }
+    off();
   }
 }
 
@@ -715,30 +710,40 @@ function exit(code: number): void {
 }
 
 /**
+ * Calls each handler on its signal until the returned function is called,
+ * which removes them (Deno's signal listeners keep the process alive).
+ */
+function onSignals(handlers: Partial<Record<Deno.Signal, () => void>>) {
+  const entries = Object.entries(handlers) as [Deno.Signal, () => void][];
+  for (const [signal, handler] of entries) {
+    if (deno) deno.addSignalListener(signal, handler);
+    else node!.on(signal, handler);
+  }
+  return () => {
+    for (const [signal, handler] of entries) {
+      if (deno) deno.removeSignalListener(signal, handler);
+      else node!.off(signal, handler);
+    }
+  };
+}
+
+/**
  * Resolves with the name of the first SIGINT or SIGTERM; SIGUSR1 calls
  * `onUsr1`. `cancel()` removes the listeners without waiting.
  */
 function untilSignal(
   onUsr1: () => void,
 ): Promise<string> & { cancel(): void } {
-  const handlers: [Deno.Signal, () => void][] = [["SIGUSR1", onUsr1]];
   let cancel = () => {};
+  let off = () => {};
   const signalled = new Promise<string>((resolve) => {
-    for (const signal of ["SIGINT", "SIGTERM"] as const) {
-      handlers.push([signal, () => resolve(signal)]);
-    }
-    for (const [signal, handler] of handlers) {
-      if (deno) deno.addSignalListener(signal, handler);
-      else node!.on(signal, handler);
-    }
+    off = onSignals({
+      SIGUSR1: onUsr1,
+      SIGINT: () => resolve("SIGINT"),
+      SIGTERM: () => resolve("SIGTERM"),
+    });
     cancel = () => resolve("");
-  }).finally(() => {
-    // Deno's signal listeners would keep the process alive.
-    for (const [signal, handler] of handlers) {
-      if (deno) deno.removeSignalListener(signal, handler);
-      else node!.off(signal, handler);
-    }
-  });
+  }).finally(() => off());
   return Object.assign(signalled, { cancel });
 }
 
