@@ -31,10 +31,24 @@
 // ===========================================================================
 // 1. The public API and its types.
 
-/** The version of this package. */
+/** The version of this package.  *
+ * @example
+ * ```ts
+ * import { VERSION } from "@x/portpicker";
+ *
+ * console.log(`portpicker ${VERSION}`);
+ * ```
+ */
 export const VERSION = "0.3.0";
 
-/** The search range when none is given: the Python original's 15000–24999. */
+/** The search range when none is given: the Python original's 15000–24999.  *
+ * @example
+ * ```ts
+ * import { DEFAULT_RANGE, pickUnusedPort } from "@x/portpicker";
+ *
+ * const port = await pickUnusedPort({ range: DEFAULT_RANGE });
+ * ```
+ */
 export const DEFAULT_RANGE: readonly [number, number] = [15000, 24999];
 
 /**
@@ -85,7 +99,15 @@ export class NoFreePortFoundError extends Error {
   }
 }
 
-/** Options of {@linkcode pickUnusedPort} and the functions built on it. */
+/** Options of {@linkcode pickUnusedPort} and the functions built on it.  *
+ * @example
+ * ```ts
+ * import { type PickOptions, pickUnusedPort } from "@x/portpicker";
+ *
+ * const options: PickOptions = { range: [20000, 20999], exclude: [20080], label: "web" };
+ * const port = await pickUnusedPort(options);
+ * ```
+ */
 export interface PickOptions {
   /**
    * The process the port is for: told to the port server, and named in
@@ -128,7 +150,15 @@ export interface PickOptions {
   label?: string;
 }
 
-/** Options of {@linkcode returnPort}. */
+/** Options of {@linkcode returnPort}.  *
+ * @example
+ * ```ts
+ * import { returnPort } from "@x/portpicker";
+ *
+ * // A port that `portpicker --lock-dir /tmp/ports $$` claimed for this process:
+ * returnPort(20000, { lockDir: "/tmp/ports" });
+ * ```
+ */
 export interface ReturnOptions {
   /**
    * A lock directory whose claim on the port is removed, when it names
@@ -143,6 +173,15 @@ export interface ReturnOptions {
 /**
  * A port held bound on TCP and UDP until {@linkcode PortReservation.release}
  * is called. Works with `using` and `await using`.
+ *
+ * @example
+ * ```ts
+ * import { reservePort } from "@x/portpicker";
+ *
+ * const reservation = await reservePort();
+ * console.log(reservation.port);
+ * await reservation.release();
+ * ```
  */
 export interface PortReservation extends Disposable, AsyncDisposable {
   /** The reserved port. */
@@ -155,7 +194,14 @@ export interface PortReservation extends Disposable, AsyncDisposable {
   release(): Promise<void>;
 }
 
-/** Options of {@linkcode reservePort}. */
+/** Options of {@linkcode reservePort}.  *
+ * @example
+ * ```ts
+ * import { reservePort } from "@x/portpicker";
+ *
+ * await using held = await reservePort({ range: [20000, 20999], reusePort: true });
+ * ```
+ */
 export interface ReserveOptions extends PickOptions {
   /**
    * Hold the port with SO_REUSEPORT, so that the caller's own server can
@@ -168,7 +214,14 @@ export interface ReserveOptions extends PickOptions {
   reusePort?: boolean;
 }
 
-/** Options of {@linkcode waitForPort}. */
+/** Options of {@linkcode waitForPort}.  *
+ * @example
+ * ```ts
+ * import { waitForPort } from "@x/portpicker";
+ *
+ * await waitForPort(8080, { timeout: 5_000, hostname: "127.0.0.1" });
+ * ```
+ */
 export interface WaitOptions {
   /** How long to wait, in milliseconds; default 30000. */
   timeout?: number;
@@ -178,7 +231,16 @@ export interface WaitOptions {
   signal?: AbortSignal;
 }
 
-/** A lease: ports held by the server for as long as its connection is open. */
+/** A lease: ports held by the server for as long as its connection is open.  *
+ * @example
+ * ```ts
+ * import { leasePorts } from "@x/portpicker";
+ *
+ * const lease = await leasePorts(2);
+ * console.log(lease.ports);
+ * await lease.release();
+ * ```
+ */
 export interface PortLease extends Disposable, AsyncDisposable {
   /** The leased ports. */
   readonly ports: readonly number[];
@@ -186,7 +248,14 @@ export interface PortLease extends Disposable, AsyncDisposable {
   release(): Promise<void>;
 }
 
-/** Options of {@linkcode leasePorts}. */
+/** Options of {@linkcode leasePorts}.  *
+ * @example
+ * ```ts
+ * import { leasePorts } from "@x/portpicker";
+ *
+ * await using lease = await leasePorts(1, { portserverAddress: "@ports", label: "e2e" });
+ * ```
+ */
 export interface LeaseOptions {
   /** The server; defaults to `PORTSERVER_ADDRESS`. */
   portserverAddress?: string;
@@ -194,7 +263,16 @@ export interface LeaseOptions {
   label?: string;
 }
 
-/** One allocation in a STATUS reply. */
+/** One allocation in a STATUS reply.  *
+ * @example
+ * ```ts
+ * import { getPortServerStatus } from "@x/portpicker";
+ *
+ * for (const a of (await getPortServerStatus()).allocations) {
+ *   console.log(a.port, a.lease ? "lease" : a.pid, a.alive ? "" : "dead");
+ * }
+ * ```
+ */
 export interface AllocationStatus {
   /** The port. */
   port: number;
@@ -214,7 +292,15 @@ export interface AllocationStatus {
   label: string | null;
 }
 
-/** A STATUS reply: who holds which port. */
+/** A STATUS reply: who holds which port.  *
+ * @example
+ * ```ts
+ * import { getPortServerStatus } from "@x/portpicker";
+ *
+ * const { allocated, pool } = await getPortServerStatus("@ports");
+ * console.log(`${allocated} of ${pool} ports held`);
+ * ```
+ */
 export interface PortServerStatus {
   /** The server's address. */
   address: string;
@@ -796,7 +882,14 @@ let reserved: Set<number> | undefined;
 // below: the framing (every message is complete only at its newline and
 // never longer than its limit) and the label rule.
 
-/** Size limits of the wire protocol (bytes, newline included, unless named otherwise). */
+/** Size limits of the wire protocol (bytes, newline included, unless named otherwise).  *
+ * @example
+ * ```ts
+ * import { LineReader, PROTOCOL_LIMITS } from "@x/portpicker";
+ *
+ * const reader = new LineReader(PROTOCOL_LIMITS.reply);
+ * ```
+ */
 export const PROTOCOL_LIMITS: {
   /** A classic request: the Python server rejects longer ones. */
   readonly classicRequest: number;

@@ -41,7 +41,29 @@ import { pid } from "node:process";
 // ===========================================================================
 // The public API.
 
-/** Options of {@linkcode startPortServer}. */
+/** Options of {@linkcode startPortServer}.  *
+ * @example
+ * ```ts
+ * import { startPortServer } from "@x/portpicker/portserver";
+ *
+ * const server = await startPortServer({
+ *   address: "/tmp/ports.sock",
+ *   pool: [[20000, 20999]],
+ *   statePath: "/tmp/ports.json",
+ *   socketMode: 0o660,
+ * });
+ * await server.stop();
+ * ```
+ *
+ * @example
+ * ```ts
+ * import { startPortServer } from "@x/portpicker/portserver";
+ *
+ * const server = await startPortServer({ address: "@my-tests" });
+ * server.logStats();
+ * await server.stop();
+ * ```
+ */
 export interface PortServerOptions {
   /**
    * Where to listen: `@name` for the Linux abstract namespace, else a
@@ -75,7 +97,16 @@ export interface PortServerOptions {
   maxConnections?: number;
 }
 
-/** The server's counters, as the Python server's statistics. */
+/** The server's counters, as the Python server's statistics.  *
+ * @example
+ * ```ts
+ * import { startPortServer } from "@x/portpicker/portserver";
+ *
+ * const server = await startPortServer({ address: "@my-tests" });
+ * console.log(server.stats().totalAllocations);
+ * await server.stop();
+ * ```
+ */
 export interface PortServerStats {
   /** Requests that could not be parsed, or did not arrive in time. */
   clientRequestErrors: number;
