@@ -31,7 +31,9 @@
 // ===========================================================================
 // 1. The public API and its types.
 
-/** The version of this package.  *
+/**
+ * The version of this package.
+ *
  * @example
  * ```ts
  * import { VERSION } from "@x/portpicker";
@@ -41,7 +43,9 @@
  */
 export const VERSION = "0.3.0";
 
-/** The search range when none is given: the Python original's 15000–24999.  *
+/**
+ * The search range when none is given: the Python original's 15000–24999.
+ *
  * @example
  * ```ts
  * import { DEFAULT_RANGE, pickUnusedPort } from "@x/portpicker";
@@ -99,7 +103,9 @@ export class NoFreePortFoundError extends Error {
   }
 }
 
-/** Options of {@linkcode pickUnusedPort} and the functions built on it.  *
+/**
+ * Options of {@linkcode pickUnusedPort} and the functions built on it.
+ *
  * @example
  * ```ts
  * import { type PickOptions, pickUnusedPort } from "@x/portpicker";
@@ -150,7 +156,9 @@ export interface PickOptions {
   label?: string;
 }
 
-/** Options of {@linkcode returnPort}.  *
+/**
+ * Options of {@linkcode returnPort}.
+ *
  * @example
  * ```ts
  * import { returnPort } from "@x/portpicker";
@@ -194,7 +202,9 @@ export interface PortReservation extends Disposable, AsyncDisposable {
   release(): Promise<void>;
 }
 
-/** Options of {@linkcode reservePort}.  *
+/**
+ * Options of {@linkcode reservePort}.
+ *
  * @example
  * ```ts
  * import { reservePort } from "@x/portpicker";
@@ -214,7 +224,9 @@ export interface ReserveOptions extends PickOptions {
   reusePort?: boolean;
 }
 
-/** Options of {@linkcode waitForPort}.  *
+/**
+ * Options of {@linkcode waitForPort}.
+ *
  * @example
  * ```ts
  * import { waitForPort } from "@x/portpicker";
@@ -231,7 +243,9 @@ export interface WaitOptions {
   signal?: AbortSignal;
 }
 
-/** A lease: ports held by the server for as long as its connection is open.  *
+/**
+ * A lease: ports held by the server for as long as its connection is open.
+ *
  * @example
  * ```ts
  * import { leasePorts } from "@x/portpicker";
@@ -248,7 +262,9 @@ export interface PortLease extends Disposable, AsyncDisposable {
   release(): Promise<void>;
 }
 
-/** Options of {@linkcode leasePorts}.  *
+/**
+ * Options of {@linkcode leasePorts}.
+ *
  * @example
  * ```ts
  * import { leasePorts } from "@x/portpicker";
@@ -263,7 +279,9 @@ export interface LeaseOptions {
   label?: string;
 }
 
-/** One allocation in a STATUS reply.  *
+/**
+ * One allocation in a STATUS reply.
+ *
  * @example
  * ```ts
  * import { getPortServerStatus } from "@x/portpicker";
@@ -292,7 +310,9 @@ export interface AllocationStatus {
   label: string | null;
 }
 
-/** A STATUS reply: who holds which port.  *
+/**
+ * A STATUS reply: who holds which port.
+ *
  * @example
  * ```ts
  * import { getPortServerStatus } from "@x/portpicker";
@@ -882,7 +902,9 @@ let reserved: Set<number> | undefined;
 // below: the framing (every message is complete only at its newline and
 // never longer than its limit) and the label rule.
 
-/** Size limits of the wire protocol (bytes, newline included, unless named otherwise).  *
+/**
+ * Size limits of the wire protocol (bytes, newline included, unless named otherwise).
+ *
  * @example
  * ```ts
  * import { LineReader, PROTOCOL_LIMITS } from "@x/portpicker";

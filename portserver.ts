@@ -41,7 +41,9 @@ import { pid } from "node:process";
 // ===========================================================================
 // The public API.
 
-/** Options of {@linkcode startPortServer}.  *
+/**
+ * Options of {@linkcode startPortServer}.
+ *
  * @example
  * ```ts
  * import { startPortServer } from "@x/portpicker/portserver";
@@ -97,7 +99,9 @@ export interface PortServerOptions {
   maxConnections?: number;
 }
 
-/** The server's counters, as the Python server's statistics.  *
+/**
+ * The server's counters, as the Python server's statistics.
+ *
  * @example
  * ```ts
  * import { startPortServer } from "@x/portpicker/portserver";
