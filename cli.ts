@@ -61,7 +61,10 @@ Options:
       --lock-dir DIR     claim each port for pid with a file in DIR, so that
                          processes sharing DIR never get the same port, with
                          no server; the claim lasts until pid exits or
-                         '${NAME} return PORT' (default: $PORTPICKER_LOCK_DIR)
+                         '${NAME} return PORT' (default: $PORTPICKER_LOCK_DIR,
+                         else your own, $XDG_RUNTIME_DIR/portpicker or
+                         portpicker-<uid> in the temporary directory; an
+                         empty PORTPICKER_LOCK_DIR makes no claims)
       --json             print {"ports":[...]} instead of lines
   -h, --help             print this help
   -V, --version          print the version
