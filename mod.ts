@@ -1898,15 +1898,32 @@ async function take(
   if (!checked && !(await isFree(port))) return undefined;
   const release = hold ? await holdPort(port, p.reusePort) : NOTHING_HELD;
   if (!release) return undefined;
-  if (
-    p.lockDir !== undefined &&
-    !claimPort(p.lockDir, port, p.pid ?? ownPid(), p.lockDirAsked)
-  ) {
+  if (p.lockDir !== undefined && !claimFor(p, port)) {
     await release();
     return undefined;
   }
   randomPorts.add(port);
   return { port, release };
+}
+
+/**
+ * Claims `port` for the call. In the user's own directory, which nobody
+ * asked for, a failure (a full disk, say) is said once and claims stop:
+ * picking goes on as without them.
+ */
+function claimFor(p: Plan, port: number): boolean {
+  try {
+    return claimPort(p.lockDir!, port, p.pid ?? ownPid(), p.lockDirAsked);
+  } catch (error) {
+    if (p.lockDirAsked) throw error;
+    console.error(
+      `portpicker: not claiming ports in ${p.lockDir}: ${
+        (error as Error).message
+      }`,
+    );
+    userLockDirOnce = { dir: p.lockDir = undefined };
+    return true;
+  }
 }
 
 /** Gives back a port of a call that failed. */

@@ -5,6 +5,7 @@
  */
 
 import assert from "node:assert/strict";
+import { spawnSync } from "node:child_process";
 import {
   chownSync,
   existsSync,
@@ -332,6 +333,38 @@ console.log("picked");
     assert.equal(statSync(place).mode & 0o777, 0o700);
     assert.deepEqual(readdirSync(place), [`${claimed.stdout.trim()}.claim`]);
   } finally {
+    dir.remove();
+  }
+});
+
+test("the user's lock directory on a full disk: one line, and the port all the same", async () => {
+  const dir = tempDir();
+  assert.equal(
+    spawnSync("mount", ["-t", "tmpfs", "-o", "size=16k", "tmpfs", dir.path])
+      .status,
+    0,
+    "mount needs root",
+  );
+  try {
+    mkdirSync(join(dir.path, "portpicker"), { mode: 0o700 });
+    spawnSync("sh", [
+      "-c",
+      `dd if=/dev/zero of=${dir.path}/fill bs=1k 2>/dev/null; true`,
+    ]);
+    const result = await runCli([String(process.pid)], {
+      env: { XDG_RUNTIME_DIR: dir.path, PORTPICKER_LOCK_DIR: undefined },
+    });
+    assert.equal(result.code, 0, result.stderr);
+    assert.match(result.stdout, /^\d+\n$/);
+    assert.match(
+      result.stderr,
+      new RegExp(
+        `^portpicker: not claiming ports in ${dir.path}/portpicker: Cannot [^\\n]+\\n$`,
+      ),
+    );
+    assert.deepEqual(readdirSync(join(dir.path, "portpicker")), []);
+  } finally {
+    spawnSync("umount", ["-l", dir.path]);
     dir.remove();
   }
 });
