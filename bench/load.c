@@ -1,6 +1,6 @@
 /* The bench's load client, compiled by run.ts with gcc at bench time (no
  * binary is committed). One thread a client, so that it outpaces every server
- * it drives: the report shows its own rate against the trivial reply servers.
+ * it drives: the report shows its rate against the runtimes' own sockets.
  *
  * Usage: load ADDRESS PID_A PID_B SHARE REQUESTS CONCURRENCY
  *
