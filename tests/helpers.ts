@@ -4,7 +4,7 @@
  */
 
 import assert from "node:assert/strict";
-import { type ChildProcess, spawn } from "node:child_process";
+import { type ChildProcess, spawn, spawnSync } from "node:child_process";
 import {
   existsSync,
   mkdirSync,
@@ -750,5 +750,44 @@ export async function privateNetwork(
   return {
     enter: ["nsenter", `--net=/proc/${holder.child.pid}/ns/net`, "--"],
     close: async () => void await holder.stop("SIGKILL"),
+  };
+}
+
+/**
+ * A small tmpfs of `size` (as "16k") on a fresh folder: needs root. `fill()`
+ * fills it to its last byte, after `dirs` (paths inside it) are made;
+ * `remove()` unmounts and deletes it.
+ */
+export function tmpfs(
+  size: string,
+): { path: string; fill(...dirs: string[]): void; remove(): void } {
+  const dir = tempDir();
+  const mounted = spawnSync("mount", [
+    "-t",
+    "tmpfs",
+    "-o",
+    `size=${size}`,
+    "tmpfs",
+    dir.path,
+  ]);
+  assert.equal(
+    mounted.status,
+    0,
+    `mount -t tmpfs (needs root): ${mounted.stderr}`,
+  );
+  return {
+    path: dir.path,
+    fill(...dirs) {
+      for (const d of dirs) mkdirSync(d, { recursive: true, mode: 0o700 });
+      const fill = join(dir.path, "fill");
+      spawnSync("sh", [
+        "-c",
+        `dd if=/dev/zero of='${fill}' bs=1k 2>/dev/null; true`,
+      ]);
+    },
+    remove() {
+      spawnSync("umount", ["-l", dir.path]);
+      dir.remove();
+    },
   };
 }

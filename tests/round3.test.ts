@@ -8,7 +8,6 @@ import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
 import {
   existsSync,
-  mkdirSync,
   readdirSync,
   readFileSync,
   symlinkSync,
@@ -27,6 +26,7 @@ import {
   RUNTIME,
   start,
   tempDir,
+  tmpfs,
   tool,
   uniqueName,
 } from "./helpers.ts";
@@ -243,15 +243,8 @@ test("the server's log is not flooded: 200 bad requests give at most a few lines
   }
 });
 
-test("a full disk under --state: one warning line, not one per refused request", async (t) => {
-  const mount = tempDir();
-  if (
-    spawnSync("mount", ["-t", "tmpfs", "-o", "size=64k", "tmpfs", mount.path])
-      .status !== 0
-  ) {
-    t.diagnostic("cannot mount a tmpfs here");
-    assert.fail("mount -t tmpfs failed: the test needs root");
-  }
+test("a full disk under --state: one warning line, not one per refused request", async () => {
+  const mount = tmpfs("64k");
   const range = await randomPool(50);
   const address = uniqueName("@fulldisk");
   const state = join(mount.path, "state.json");
@@ -264,11 +257,7 @@ test("a full disk under --state: one warning line, not one per refused request",
     state,
   ]);
   try {
-    // Fill the disk to the last byte.
-    spawnSync("sh", [
-      "-c",
-      `dd if=/dev/zero of=${mount.path}/fill bs=4k 2>/dev/null; true`,
-    ]);
+    mount.fill();
     let refused = 0;
     for (let i = 0; i < 40; i++) {
       const { bytes } = await exchange(
@@ -283,32 +272,16 @@ test("a full disk under --state: one warning line, not one per refused request",
     assert.equal(loggedStats(server).length, 0);
   } finally {
     await server.stop();
-    spawnSync("umount", ["-l", mount.path]);
     mount.remove();
   }
 });
 
 test("a full disk under a lock directory: one line naming the file, and no draft left behind", async () => {
-  const mount = tempDir();
-  assert.equal(
-    spawnSync("mount", ["-t", "tmpfs", "-o", "size=16k", "tmpfs", mount.path])
-      .status,
-    0,
-    "mount needs root",
-  );
+  const mount = tmpfs("16k");
   try {
-    spawnSync("sh", [
-      "-c",
-      `dd if=/dev/zero of=${mount.path}/fill bs=4k 2>/dev/null; true`,
-    ]);
     const locks = join(mount.path, "locks");
-    // The directory itself cannot be made on a full disk: make it first.
-    spawnSync("rm", [`${mount.path}/fill`]);
-    mkdirSync(locks);
-    spawnSync("sh", [
-      "-c",
-      `dd if=/dev/zero of=${mount.path}/fill bs=1k 2>/dev/null; true`,
-    ]);
+    // The directory itself cannot be made on a full disk: made first.
+    mount.fill(locks);
     for (let i = 0; i < 3; i++) {
       const result = await runCli(["--lock-dir", locks]);
       assert.equal(result.code, 1, result.stdout + result.stderr);
@@ -319,7 +292,6 @@ test("a full disk under a lock directory: one line naming the file, and no draft
     }
     assert.deepEqual(readdirSync(locks), []);
   } finally {
-    spawnSync("umount", ["-l", mount.path]);
     mount.remove();
   }
 });

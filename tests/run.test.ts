@@ -5,7 +5,6 @@
  */
 
 import assert from "node:assert/strict";
-import { spawnSync } from "node:child_process";
 import {
   chownSync,
   existsSync,
@@ -29,6 +28,7 @@ import {
   scriptCommand,
   start,
   tempDir,
+  tmpfs,
   tool,
   uniqueName,
 } from "./helpers.ts";
@@ -338,19 +338,9 @@ console.log("picked");
 });
 
 test("the user's lock directory on a full disk: one line, and the port all the same", async () => {
-  const dir = tempDir();
-  assert.equal(
-    spawnSync("mount", ["-t", "tmpfs", "-o", "size=16k", "tmpfs", dir.path])
-      .status,
-    0,
-    "mount needs root",
-  );
+  const dir = tmpfs("16k");
   try {
-    mkdirSync(join(dir.path, "portpicker"), { mode: 0o700 });
-    spawnSync("sh", [
-      "-c",
-      `dd if=/dev/zero of=${dir.path}/fill bs=1k 2>/dev/null; true`,
-    ]);
+    dir.fill(join(dir.path, "portpicker"));
     const result = await runCli([String(process.pid)], {
       env: { XDG_RUNTIME_DIR: dir.path, PORTPICKER_LOCK_DIR: undefined },
     });
@@ -364,7 +354,6 @@ test("the user's lock directory on a full disk: one line, and the port all the s
     );
     assert.deepEqual(readdirSync(join(dir.path, "portpicker")), []);
   } finally {
-    spawnSync("umount", ["-l", dir.path]);
     dir.remove();
   }
 });
