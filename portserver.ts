@@ -737,39 +737,31 @@ async function readRequest(connection: Connection): Promise<Incoming | null> {
       : await reading;
     if (chunk === IDLE) return { classic: bytes };
     if (chunk === null) {
-      if (bytes.length === 0) return null;
-      return kind === "extended"
-        ? { error: "a request without a newline" }
-        : { classic: bytes };
+      if (kind === "extended") return { error: "a request without a newline" };
+      return bytes.length === 0 ? null : { classic: bytes };
     }
-    if (kind === "extended") {
-      try {
-        const line = reader.push(chunk);
-        if (line !== undefined) return { line };
-      } catch (error) {
-        return { error: (error as Error).message };
+    let line = chunk;
+    if (kind !== "extended") {
+      const joined = new Uint8Array(bytes.length + chunk.length);
+      joined.set(bytes);
+      joined.set(chunk, bytes.length);
+      bytes = joined;
+      kind = kindOf(bytes);
+      if (kind !== "extended") {
+        const complete = bytes.length > PROTOCOL_LIMITS.classicRequest ||
+          kind === "classic" && bytes.includes(10);
+        if (complete) return { classic: bytes };
+        continue;
       }
-      continue;
+      // An extended request: all its bytes so far go to the line reader.
+      line = bytes;
     }
-    const joined = new Uint8Array(bytes.length + chunk.length);
-    joined.set(bytes);
-    joined.set(chunk, bytes.length);
-    bytes = joined;
-    kind = kindOf(bytes);
-    if (kind === "extended") {
-      bytes = new Uint8Array(0);
-      try {
-        const line = reader.push(joined);
-        if (line !== undefined) return { line };
-      } catch (error) {
-        return { error: (error as Error).message };
-      }
-      continue;
+    try {
+      const text = reader.push(line);
+      if (text !== undefined) return { line: text };
+    } catch (error) {
+      return { error: (error as Error).message };
     }
-    if (bytes.length > PROTOCOL_LIMITS.classicRequest) {
-      return { classic: bytes };
-    }
-    if (kind === "classic" && bytes.includes(10)) return { classic: bytes };
   }
 }
 
