@@ -35,8 +35,8 @@ import {
   loggedStats,
   poolSpec,
   randomPool,
-  startServer,
   statsOnSigusr1,
+  withServer,
 } from "./server_helpers.ts";
 
 const CLI = join(ROOT, "cli.ts");
@@ -185,15 +185,7 @@ test("wait: an unresolvable host is one line at once, not a timeout", async () =
 });
 
 test("an extended request split after its first byte is answered, not taken for a classic one", async () => {
-  const range = await randomPool(3);
-  const address = uniqueName("@split");
-  const server = await startServer([
-    "--pool",
-    poolSpec(range),
-    "--address",
-    address,
-  ]);
-  try {
+  await withServer({ size: 3, name: "@split" }, async ({ server, address }) => {
     const { bytes } = await exchange(address, {
       delayMs: 200,
       pieces: ["T", `AKE pid=${process.pid} count=1\n`],
@@ -205,9 +197,12 @@ test("an extended request split after its first byte is answered, not taken for 
     });
     assert.match(status.bytes.toString(), /^\{"address":/);
     assert.doesNotMatch(server.stderr(), /Could not parse/);
-  } finally {
-    await server.stop();
-  }
+    // Cut short at the end of the connection: refused, not taken as a whole.
+    const cut = await exchange(address, `TAKE pid=${process.pid}`, {
+      end: true,
+    });
+    assert.equal(cut.bytes.toString(), "ERR a request without a newline\n");
+  });
 });
 
 test("messages: an unreachable @name is printed as @name, without a NUL byte", async () => {
@@ -224,54 +219,38 @@ test("messages: an unreachable @name is printed as @name, without a NUL byte", a
 });
 
 test("the server's log is not flooded: 200 bad requests give at most a few lines, and the statistics count all", async () => {
-  const range = await randomPool(2);
-  const address = uniqueName("@flood");
-  const server = await startServer([
-    "--pool",
-    poolSpec(range),
-    "--address",
-    address,
-  ]);
-  try {
+  await withServer({ size: 2, name: "@flood" }, async ({ server, address }) => {
     for (let i = 0; i < 200; i++) await exchange(address, "nonsense\n");
     const stats = await statsOnSigusr1(server);
     assert.equal(stats["client-request-errors"], 200);
     const lines = server.stderr().match(/Could not parse request/g) ?? [];
     assert.ok(lines.length <= 2, server.stderr());
-  } finally {
-    await server.stop();
-  }
+  });
 });
 
 test("a full disk under --state: one warning line, not one per refused request", async () => {
   const mount = tmpfs("64k");
-  const range = await randomPool(50);
-  const address = uniqueName("@fulldisk");
-  const state = join(mount.path, "state.json");
-  const server = await startServer([
-    "--pool",
-    poolSpec(range),
-    "--address",
-    address,
-    "--state",
-    state,
-  ]);
   try {
-    mount.fill();
-    let refused = 0;
-    for (let i = 0; i < 40; i++) {
-      const { bytes } = await exchange(
-        address,
-        `TAKE pid=${process.pid} count=1\n`,
-      );
-      if (bytes.toString().startsWith("ERR")) refused++;
-    }
-    assert.ok(refused > 0, server.stderr());
-    const lines = server.stderr().match(/Not handing out ports/g) ?? [];
-    assert.ok(lines.length >= 1 && lines.length <= 2, server.stderr());
-    assert.equal(loggedStats(server).length, 0);
+    const state = join(mount.path, "state.json");
+    await withServer(
+      { size: 50, name: "@fulldisk", args: ["--state", state] },
+      async ({ server, address }) => {
+        mount.fill();
+        let refused = 0;
+        for (let i = 0; i < 40; i++) {
+          const { bytes } = await exchange(
+            address,
+            `TAKE pid=${process.pid} count=1\n`,
+          );
+          if (bytes.toString().startsWith("ERR")) refused++;
+        }
+        assert.ok(refused > 0, server.stderr());
+        const lines = server.stderr().match(/Not handing out ports/g) ?? [];
+        assert.ok(lines.length >= 1 && lines.length <= 2, server.stderr());
+        assert.equal(loggedStats(server).length, 0);
+      },
+    );
   } finally {
-    await server.stop();
     mount.remove();
   }
 });

@@ -30,9 +30,8 @@ import {
   tempDir,
   tmpfs,
   tool,
-  uniqueName,
 } from "./helpers.ts";
-import { poolSpec, randomPool, startServer } from "./server_helpers.ts";
+import { withServer } from "./server_helpers.ts";
 
 /** `portpicker run ARGS` as a long-running process. */
 function startRun(
@@ -165,15 +164,7 @@ test("run: usage errors are one line, exit 2", async () => {
 });
 
 test("run: with a port server, the ports are a lease that ends with run, even when run is SIGKILLed", async () => {
-  const range = await randomPool(3);
-  const address = uniqueName("@run");
-  const server = await startServer([
-    "--pool",
-    poolSpec(range),
-    "--address",
-    address,
-  ]);
-  try {
+  await withServer({ size: 3, name: "@run" }, async ({ server, address }) => {
     const running = startRun([
       "--env",
       "A,B",
@@ -207,9 +198,7 @@ test("run: with a port server, the ports are a lease that ends with run, even wh
       (await runCli(["status", "--json", "--portserver", address])).stdout,
     );
     assert.equal(after.allocated, 0);
-  } finally {
-    await server.stop();
-  }
+  });
 });
 
 // ---------------------------------------------------------------------------
