@@ -170,10 +170,11 @@ export async function startPortServer(
   return server;
 }
 
+/** The options, checked and with their defaults; the pool as its ports. */
+type Settings = Omit<Required<PortServerOptions>, "pool"> & { ports: number[] };
+
 /** The options, checked in the order of {@linkcode PortServerOptions}. */
-function checkOptions(o: PortServerOptions): Required<PortServerOptions> & {
-  ports: number[];
-} {
+function checkOptions(o: PortServerOptions): Settings {
   const bad = (name: string, value: unknown, expected: string) =>
     new TypeError(`Invalid ${name} ${show(value)}: expected ${expected}`);
   const address = o.address ?? "@unittest-portserver";
@@ -225,7 +226,6 @@ function checkOptions(o: PortServerOptions): Required<PortServerOptions> & {
   }
   return {
     address,
-    pool: [],
     ports,
     statePath: o.statePath ?? "",
     verbose: o.verbose ?? false,
@@ -770,7 +770,7 @@ async function readRequest(connection: Connection): Promise<Incoming | null> {
 
 class Server implements PortServer {
   readonly address: string;
-  readonly #options: ReturnType<typeof checkOptions>;
+  readonly #options: Settings;
   readonly #pool: Pool;
   #counters = {
     clientRequestErrors: 0,
@@ -789,7 +789,7 @@ class Server implements PortServer {
   #limited = new Map<string, { message: string; count: number }>();
   #startTimes = new Map<number, { startTime: number; at: number }>();
 
-  constructor(options: ReturnType<typeof checkOptions>) {
+  constructor(options: Settings) {
     this.address = options.address;
     this.#options = options;
     this.#pool = new Pool(options.ports);
